@@ -1,0 +1,141 @@
+"""Prometheus metrics of the gateway, all in one registry with the drpo_ prefix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.instruction import PromptVersion
+
+# LLM requests range from milliseconds (a cached short answer) to minutes (a
+# long generation on a CPU), so the buckets run up to ten minutes.
+LATENCY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+)  # fmt: skip
+OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+)  # fmt: skip
+OTHER_MODEL = "other"
+NO_PROMPT = "none"
+
+
+class ModelLabels:
+    """Folds model names into a bounded set of label values.
+
+    Names configured or listed by the upstream at start-up keep their own value
+    up to `limit`; every other name becomes "other", so a client sending random
+    model names cannot grow the number of time series.
+    """
+
+    def __init__(self, known: Iterable[str] = (), limit: int = 32) -> None:
+        self._limit = limit
+        self._known: set[str] = set()
+        self.add(known)
+
+    def add(self, names: Iterable[str]) -> None:
+        for name in names:
+            if len(self._known) >= self._limit:
+                return
+            self._known.add(name)
+
+    def __call__(self, model: str | None) -> str:
+        return model if model in self._known else OTHER_MODEL
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "drpo_requests",
+            "Requests handled, by route, model, status class and prompt version.",
+            ["route", "model", "status_class", "prompt_version"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "drpo_request_duration_seconds",
+            "Time from receiving a request to sending its last byte.",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "drpo_time_to_first_token_seconds",
+            "Time from receiving a streaming request to its first content chunk.",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "drpo_gateway_overhead_seconds",
+            "Time the gateway itself adds to a request, excluding the upstream.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "drpo_upstream_errors",
+            "Failed upstream calls, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "drpo_prompt_tokens",
+            "Prompt tokens reported by the upstream, injected ones included.",
+            ["model"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "drpo_completion_tokens",
+            "Completion tokens reported by the upstream.",
+            ["model"],
+            registry=r,
+        )
+        self.injected_tokens = Counter(
+            "drpo_injected_tokens",
+            "Tokens of the alignment instruction added to prompts.",
+            ["model"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "drpo_requests_in_flight",
+            "Requests being handled now.",
+            ["route"],
+            registry=r,
+        )
+        self.active_prompt = Gauge(
+            "drpo_active_prompt_info",
+            "Active prompt version per model pointer; '*' is the default.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.store_generation = Gauge(
+            "drpo_prompt_store_generation",
+            "Generation of the prompt store last loaded by the gateway.",
+            registry=r,
+        )
+
+    def set_active_versions(self, active: Mapping[str, PromptVersion]) -> None:
+        """Replace the active-version info series with the current pointers."""
+        self.active_prompt.clear()
+        for model, version in active.items():
+            self.active_prompt.labels(model=model, version=version.version).set(1)
+
+    def record_usage(self, model: str, usage: object) -> None:
+        """Count the tokens of an upstream `usage` object, when it is well formed."""
+        if not isinstance(usage, dict):
+            return
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if isinstance(prompt, int) and prompt >= 0:
+            self.prompt_tokens.labels(model=model).inc(prompt)
+        if isinstance(completion, int) and completion >= 0:
+            self.completion_tokens.labels(model=model).inc(completion)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"

@@ -1,0 +1,482 @@
+"""The `drpo-gateway prompts` commands: list, show, activate, import, export."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from gateway.errors import ConfigurationError, GatewayError
+from gateway.instruction import Example, Instruction, PromptVersion
+from gateway.settings import load_settings
+from gateway.store import DEFAULT_MODEL_KEY, DiskPromptStore
+
+prompts_app = typer.Typer(
+    help="List, show, activate, import and export prompt versions.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Gateway data directory; the prompt store is its prompts/ folder. "
+        "Default: DRPO_DATA_DIR, then the YAML config, then "
+        "~/.local/share/drpo-gateway.",
+        show_default=False,
+    ),
+]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", envvar="DRPO_CONFIG", help="YAML settings file.", dir_okay=False
+    ),
+]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model", help="Model name of the pointer; the default pointer when omitted."
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+_PROMPT_PREVIEW_CHARS = 50
+_JSON_TYPE_NAMES: dict[type, str] = {
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+class CommandError(ValueError):
+    """A command cannot run with the given options or the store's state."""
+
+
+class PromptFileError(CommandError):
+    """An import or export file cannot be read or written, or fails validation."""
+
+
+class InstructionFile(BaseModel):
+    """One instruction object in an import file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_prompt: str
+    examples: tuple[Example, ...] = ()
+    scores: dict[str, float] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    parent: str | None = None
+
+
+_EXPORT_ADAPTER = TypeAdapter(list[PromptVersion])
+
+
+@prompts_app.command("list")
+def list_command(
+    json_output: JsonOption = False,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """List the stored prompt versions, oldest first.
+
+    ACTIVE FOR names the models whose pointer is the version; "default" (or
+    "*" in JSON) is the pointer used by every other model.
+    """
+    with _report_errors(), _open_store(data_dir, config) as store:
+        versions = store.list_versions()
+        pointers = store.active_pointers()
+
+    active_for = _models_by_version(pointers)
+    if json_output:
+        rows = [
+            {**_to_json(record), "active_for": active_for.get(record.version, [])}
+            for record in versions
+        ]
+        _echo_json(rows)
+        return
+    _echo_table(versions, active_for)
+
+
+@prompts_app.command("show")
+def show_command(
+    version: Annotated[
+        str, typer.Argument(help="A version id such as v3, or 'active'.")
+    ],
+    model: ModelOption = None,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Print one version record as JSON.
+
+    `show active --model NAME` prints the version that NAME is served: its
+    own pointer, else the default pointer.
+    """
+    with _report_errors(), _open_store(data_dir, config) as store:
+        if version != "active":
+            if model is not None:
+                raise CommandError(
+                    "--model applies only to `show active`. "
+                    f"Remove it to show {version!r}."
+                )
+            record = store.get(version)
+        else:
+            record = store.get(_require_active(store, model))
+    _echo_json(_to_json(record))
+
+
+@prompts_app.command("activate")
+def activate_command(
+    version: Annotated[str, typer.Argument(help="Version id to activate, e.g. v3.")],
+    model: ModelOption = None,
+    json_output: JsonOption = False,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Point a model, or the default pointer without --model, at a version."""
+    with _report_errors(), _open_store(data_dir, config) as store:
+        pointers = store.active_pointers()
+        store.activate(version, model)
+
+    # NOTE: `previous` is read just before the activation. A change that
+    # another process makes in between is missing from this message, but the
+    # store's history records it.
+    previous = pointers.get(DEFAULT_MODEL_KEY if model is None else model)
+    if json_output:
+        _echo_json(
+            {
+                "model": model,
+                "version": version,
+                "previous": previous,
+                "changed": previous != version,
+            }
+        )
+        return
+    typer.echo(_describe_activation(version, model, previous, pointers))
+
+
+@prompts_app.command("import")
+def import_command(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="JSON file: one instruction object, one version record as "
+            "`prompts show` prints it, or a list of version records as "
+            "`prompts export` writes it."
+        ),
+    ],
+    activate: Annotated[
+        bool,
+        typer.Option("--activate", help="Activate the last imported version."),
+    ] = False,
+    model: ModelOption = None,
+    source: Annotated[
+        str, typer.Option("--source", help="Source recorded on the new versions.")
+    ] = "import",
+    json_output: JsonOption = False,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create new versions from an instruction file or an export file.
+
+    New versions always get new ids. For an export file, the original id is
+    kept in metadata["imported_from"], and a parent that is also in the file
+    is linked to its new id.
+    """
+    with _report_errors():
+        if model is not None and not activate:
+            raise CommandError("--model needs --activate.")
+        entries = read_prompt_file(file)
+        with _open_store(data_dir, config) as store:
+            created = _create_versions(store, entries, source)
+            pointers = store.active_pointers()
+            if activate:
+                store.activate(created[-1].version, model)
+
+    if json_output:
+        _echo_json([_to_json(record) for record in created])
+        return
+    for record in created:
+        origin = record.metadata.get("imported_from")
+        suffix = f" from {origin}" if origin else ""
+        typer.echo(f"Created {record.version}{suffix}.")
+    if activate:
+        previous = pointers.get(DEFAULT_MODEL_KEY if model is None else model)
+        typer.echo(_describe_activation(created[-1].version, model, previous, pointers))
+
+
+@prompts_app.command("export")
+def export_command(
+    versions: Annotated[
+        list[str] | None,
+        typer.Argument(help="Version ids to export; every version when omitted."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write to this file, not stdout."),
+    ] = None,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write version records as a JSON list that `prompts import` reads."""
+    with _report_errors():
+        with _open_store(data_dir, config) as store:
+            if versions:
+                records = [store.get(version) for version in versions]
+            else:
+                records = store.list_versions()
+        text = _format_json([_to_json(record) for record in records])
+        if output is None:
+            typer.echo(text)
+            return
+        _write_text(output, text + "\n")
+    typer.echo(f"Wrote {len(records)} versions to {output}.")
+
+
+def read_prompt_file(path: Path) -> list[InstructionFile | PromptVersion]:
+    """Read and validate an import file without touching the store.
+
+    Raises PromptFileError naming the file and, for invalid content, the
+    field, such as `[0].examples[1].answer`.
+    """
+    content = _read_json(path)
+    if not isinstance(content, dict | list):
+        raise PromptFileError(
+            f"Prompt file {str(path)!r} must contain a JSON object (one "
+            "instruction) or a list of version records, not a JSON "
+            f"{_JSON_TYPE_NAMES.get(type(content), 'value')}."
+        )
+    if content == []:
+        raise PromptFileError(f"Prompt file {str(path)!r} has no versions.")
+
+    # An object with a "version" key is one record, as `prompts show` prints.
+    if isinstance(content, dict) and "version" in content:
+        content = [content]
+    try:
+        if isinstance(content, dict):
+            return [InstructionFile.model_validate(content)]
+        return list(_EXPORT_ADAPTER.validate_python(content))
+    except ValidationError as error:
+        raise PromptFileError(
+            f"Invalid prompt file {str(path)!r}: {_describe_problems(error)}."
+        ) from None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PromptFileError(
+            f"Cannot read prompt file {str(path)!r}: {error}."
+        ) from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as error:
+        raise PromptFileError(
+            f"Prompt file {str(path)!r} is not valid JSON: {error}."
+        ) from None
+
+
+def _create_versions(
+    store: DiskPromptStore,
+    entries: Sequence[InstructionFile | PromptVersion],
+    source: str,
+) -> list[PromptVersion]:
+    """Store `entries` as new versions, linking parents that the file contains."""
+    new_ids: dict[str, str] = {}
+    created: list[PromptVersion] = []
+    for entry in entries:
+        if isinstance(entry, InstructionFile):
+            record = store.create(
+                entry.system_prompt,
+                entry.examples,
+                parent=entry.parent,
+                source=source,
+                scores=entry.scores,
+                metadata=entry.metadata,
+            )
+        else:
+            record = store.create(
+                entry.system_prompt,
+                entry.examples,
+                parent=new_ids.get(entry.parent) if entry.parent else None,
+                source=source,
+                scores=entry.scores,
+                metadata=_import_metadata(entry, new_ids),
+            )
+            new_ids[entry.version] = record.version
+        created.append(record)
+    return created
+
+
+def _import_metadata(entry: PromptVersion, new_ids: dict[str, str]) -> dict[str, Any]:
+    metadata = {
+        **entry.metadata,
+        "imported_from": entry.version,
+        "imported_source": entry.source,
+        "imported_created_at": entry.created_at.isoformat(),
+    }
+    # A parent outside the file is an id of the exporting store, which may
+    # name an unrelated version here, so it is kept only as metadata.
+    if entry.parent is not None and entry.parent not in new_ids:
+        metadata["imported_parent"] = entry.parent
+    return metadata
+
+
+@contextmanager
+def _open_store(
+    data_dir: Path | None, config: Path | None
+) -> Iterator[DiskPromptStore]:
+    """Open the configured store and seed it with the default instruction if empty."""
+    settings = load_settings(config_file=config, data_dir=data_dir)
+    store = DiskPromptStore(settings.store_dir)
+    try:
+        # The default instruction is loaded only for a store that has never
+        # had a version; ensure_seeded checks again inside its transaction.
+        if store.generation() == 0:
+            store.ensure_seeded(_default_instruction())
+        yield store
+    finally:
+        store.close()
+
+
+def _default_instruction() -> Instruction:
+    # Imported here so that `gateway.prompting` and its data load only for
+    # the commands that open a store.
+    from gateway.prompting import load_default_instruction
+
+    try:
+        return load_default_instruction()
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(
+            f"Could not load the default instruction to seed the empty prompt "
+            f"store: {error}. Reinstall drpo-gateway to restore its data files."
+        ) from error
+
+
+@contextmanager
+def _report_errors() -> Iterator[None]:
+    """Turn library errors into a one-line message on stderr and exit status 1."""
+    try:
+        yield
+    except (GatewayError, ConfigurationError, ValueError) as error:
+        message = " ".join(str(error).split())
+        typer.echo(f"Error: {message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _require_active(store: DiskPromptStore, model: str | None) -> str:
+    version = store.active_version(model)
+    if version is None:
+        target = "the default pointer" if model is None else f"model {model!r}"
+        raise CommandError(
+            f"No prompt version is active for {target}. "
+            "Run `drpo-gateway prompts activate VERSION` first."
+        )
+    return version
+
+
+def _describe_activation(
+    version: str, model: str | None, previous: str | None, pointers: dict[str, str]
+) -> str:
+    pointer = "The default pointer" if model is None else f"Model {model!r}"
+    if previous == version:
+        return f"{pointer} already points at {version}; nothing changed."
+    if previous is None and model is not None:
+        default = pointers.get(DEFAULT_MODEL_KEY)
+        fallback = f", so the model used the default {default}" if default else ""
+        return f"{pointer} now points at {version} (previously unset{fallback})."
+    return f"{pointer} now points at {version} (previously {previous or 'unset'})."
+
+
+def _models_by_version(pointers: dict[str, str]) -> dict[str, list[str]]:
+    models: dict[str, list[str]] = {}
+    for model, version in sorted(pointers.items()):
+        models.setdefault(version, []).append(model)
+    return models
+
+
+def _echo_table(
+    versions: Sequence[PromptVersion], active_for: dict[str, list[str]]
+) -> None:
+    header = (
+        "VERSION",
+        "CREATED (UTC)",
+        "SOURCE",
+        "PARENT",
+        "ACTIVE FOR",
+        "SYSTEM PROMPT",
+    )
+    rows = [header]
+    for record in versions:
+        models = active_for.get(record.version, [])
+        rows.append(
+            (
+                record.version,
+                record.created_at.strftime("%Y-%m-%d %H:%M"),
+                record.source,
+                record.parent or "-",
+                ",".join("default" if m == DEFAULT_MODEL_KEY else m for m in models)
+                or "-",
+                _preview(record.system_prompt),
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        typer.echo("  ".join(cells).rstrip())
+
+
+def _preview(text: str) -> str:
+    flat = " ".join(text.split())
+    if len(flat) <= _PROMPT_PREVIEW_CHARS:
+        return flat
+    return flat[: _PROMPT_PREVIEW_CHARS - 3] + "..."
+
+
+def _describe_problems(error: ValidationError, limit: int = 3) -> str:
+    problems = [
+        f"field {_field_path(problem['loc'])}: {problem['msg']}"
+        for problem in error.errors()[:limit]
+    ]
+    hidden = error.error_count() - len(problems)
+    if hidden > 0:
+        problems.append(f"and {hidden} more")
+    return "; ".join(problems)
+
+
+def _field_path(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path.lstrip(".") or "(top level)"
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _to_json(record: PromptVersion) -> dict[str, Any]:
+    return record.model_dump(mode="json")
+
+
+def _format_json(value: object) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def _echo_json(value: object) -> None:
+    typer.echo(_format_json(value))
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise PromptFileError(f"Cannot write {str(path)!r}: {error}.") from None

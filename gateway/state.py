@@ -1,0 +1,108 @@
+"""Everything a running gateway holds, built in the app's lifespan."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.metrics import GatewayMetrics, ModelLabels
+from gateway.modes import ModeResolver
+from gateway.prompting import (
+    BM25Retriever,
+    EmbeddingRetriever,
+    ExampleRetriever,
+    PromptBuilder,
+    load_default_instruction,
+)
+from gateway.service.chat import ChatCompletions
+from gateway.service.completions import Completions
+from gateway.service.components import Components
+from gateway.service.tokens import InjectedTokenCounter
+from gateway.settings import ExampleSelection, Settings
+from gateway.store import ActivePrompts, DiskPromptStore, PromptStore
+from gateway.upstream import UpstreamClient, UpstreamTarget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayState:
+    parts: Components
+    chat: ChatCompletions
+    completions: Completions
+    store: PromptStore
+
+    @classmethod
+    async def start(
+        cls, settings: Settings, target: UpstreamTarget, store: PromptStore | None
+    ) -> GatewayState:
+        """Open the store, load the active prompts and connect to the upstream."""
+        store = store or DiskPromptStore(settings.store_dir)
+        seeded = store.ensure_seeded(load_default_instruction())
+        if seeded is not None:
+            logger.info(
+                "Prompt store was empty; loaded the built-in %s", seeded.version
+            )
+        metrics = GatewayMetrics()
+        prompts = ActivePrompts(store, settings.store_poll_interval)
+        prompts.add_listener(metrics.set_active_versions)
+        await prompts.start()
+
+        upstream = UpstreamClient(target, settings)
+        labels = ModelLabels(
+            [name for name in (settings.model, *settings.model_modes) if name],
+            limit=settings.metrics_max_models,
+        )
+        labels.add(await list_models(upstream))
+        parts = Components(
+            settings=settings,
+            upstream=upstream,
+            prompts=prompts,
+            metrics=metrics,
+            builder=PromptBuilder(settings.system_message_policy),
+            modes=ModeResolver(settings, target.default_mode),
+            model_labels=labels,
+            injected_tokens=InjectedTokenCounter(upstream),
+            retriever=make_retriever(settings, upstream),
+        )
+        return cls(parts, ChatCompletions(parts), Completions(parts), store)
+
+    async def stop(self) -> None:
+        await self.parts.injected_tokens.close()
+        await self.parts.prompts.stop()
+        await self.parts.upstream.close()
+        self.store.close()
+
+
+async def list_models(upstream: UpstreamClient) -> list[str]:
+    """Return the model ids the upstream lists, or none when it cannot say."""
+    try:
+        response = await upstream.http.get("/models", timeout=5.0)
+        data = response.json().get("data") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError) as error:
+        logger.warning("Could not list the upstream's models: %s", error)
+        return []
+    if not isinstance(data, list):
+        return []
+    return [item["id"] for item in data if isinstance(item, dict) and "id" in item]
+
+
+def make_retriever(
+    settings: Settings, upstream: UpstreamClient
+) -> ExampleRetriever | None:
+    if settings.example_selection is ExampleSelection.BM25:
+        return BM25Retriever()
+    if settings.example_selection is ExampleSelection.EMBEDDINGS:
+        if not settings.embedding_model:
+            from gateway.errors import ConfigurationError
+
+            raise ConfigurationError(
+                "DRPO_EXAMPLE_SELECTION=embeddings needs DRPO_EMBEDDING_MODEL."
+            )
+        key = upstream.target.api_key
+        return EmbeddingRetriever(
+            upstream.http, upstream.target.base_url, settings.embedding_model, key
+        )
+    return None

@@ -1,0 +1,331 @@
+"""The prompt store in a local diskcache directory (SQLite underneath)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import diskcache
+from pydantic import TypeAdapter, ValidationError
+
+from gateway.errors import PromptVersionNotFoundError
+from gateway.instruction import Example, Instruction, PromptVersion
+from gateway.store.base import (
+    DEFAULT_MODEL_KEY,
+    ActivationEvent,
+    StoreError,
+    model_key,
+)
+
+logger = logging.getLogger(__name__)
+
+# eviction_policy "none": diskcache's default policy evicts the oldest entries
+# past 1 GiB, which would silently drop versions.
+# sqlite_synchronous 2 (FULL): a committed write survives a power loss, not
+# only a process crash. Writes are rare, so the extra fsync costs little.
+# disk_min_file_size 1 GiB: every record stays inside the SQLite database
+# instead of in a separate value file that diskcache writes without fsync.
+_CACHE_SETTINGS: dict[str, Any] = {
+    "eviction_policy": "none",
+    "sqlite_synchronous": 2,
+    "disk_min_file_size": 2**30,
+}
+
+_VERSION_COUNT_KEY = "version-count"
+_HISTORY_COUNT_KEY = "history-count"
+_GENERATION_KEY = "generation"
+_POINTERS_KEY = "pointers"
+
+_POINTERS_ADAPTER = TypeAdapter(dict[str, str])
+
+
+def _version_key(version: str) -> str:
+    return f"version:{version}"
+
+
+def _event_key(index: int) -> str:
+    return f"history:{index}"
+
+
+class DiskPromptStore:
+    """A PromptStore in one diskcache directory, shared safely by processes.
+
+    Every change runs in one SQLite transaction (`BEGIN IMMEDIATE`), so
+    version ids stay unique across processes and a reader sees either all of
+    a change or none of it.
+    """
+
+    def __init__(self, directory: Path, *, timeout: float = 10.0) -> None:
+        """Open or create the store in `directory`.
+
+        `timeout` is how many seconds a call waits for another process's write
+        lock before it raises StoreError.
+        """
+        self.directory = Path(directory)
+        self._timeout = timeout
+        with self._errors("open"):
+            self._cache = diskcache.Cache(
+                str(self.directory), timeout=timeout, **_CACHE_SETTINGS
+            )
+
+    def __repr__(self) -> str:
+        return f"DiskPromptStore({str(self.directory)!r})"
+
+    def __enter__(self) -> DiskPromptStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def create(
+        self,
+        system_prompt: str,
+        examples: Sequence[Example],
+        *,
+        parent: str | None = None,
+        source: str = "manual",
+        scores: Mapping[str, float] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> PromptVersion:
+        """Store a new version with the next free id and return it.
+
+        Raises PromptVersionNotFoundError (param "parent") when `parent` is
+        not in the store, and ValueError when a score is not a finite number.
+        """
+        scores = dict(scores or {})
+        _check_scores(scores)
+
+        with self._errors("write to"), self._cache.transact():
+            if parent is not None and not self._contains(parent):
+                raise PromptVersionNotFoundError(parent, param="parent")
+            number = self._cache.incr(_VERSION_COUNT_KEY)
+            record = PromptVersion(
+                version=f"v{number}",
+                system_prompt=system_prompt,
+                examples=tuple(examples),
+                parent=parent,
+                source=source,
+                scores=scores,
+                metadata=dict(metadata or {}),
+            )
+            self._cache.set(_version_key(record.version), record.model_dump_json())
+            self._cache.incr(_GENERATION_KEY)
+
+        logger.info(
+            "Created prompt version %s (source %s, parent %s)",
+            record.version,
+            source,
+            parent,
+        )
+        return record
+
+    def get(self, version: str) -> PromptVersion:
+        """Return `version`, or raise PromptVersionNotFoundError if it is unknown."""
+        with self._errors("read"):
+            text = self._cache.get(_version_key(version))
+        if text is None:
+            raise PromptVersionNotFoundError(version)
+        return self._parse_version(version, text)
+
+    def list_versions(self) -> list[PromptVersion]:
+        """Return every version, oldest first."""
+        with self._errors("read"):
+            count = self._read_counter(_VERSION_COUNT_KEY)
+            texts = [
+                (f"v{number}", self._cache.get(_version_key(f"v{number}")))
+                for number in range(1, count + 1)
+            ]
+        return [self._parse_version(version, text) for version, text in texts]
+
+    def activate(self, version: str, model: str | None = None) -> None:
+        """Point `model` (the default pointer when None) at `version`.
+
+        The pointer, the history event and the generation change in one
+        transaction. Activating the version a pointer already has changes
+        nothing and records no event. Raises ValueError for the model name
+        "*", which is reserved for the default pointer.
+        """
+        if model == DEFAULT_MODEL_KEY:
+            raise ValueError(
+                f"Model name {DEFAULT_MODEL_KEY!r} is reserved for the default "
+                "pointer; pass model=None to activate the default."
+            )
+        key = model_key(model)
+        with self._errors("write to"), self._cache.transact():
+            if not self._contains(version):
+                raise PromptVersionNotFoundError(version)
+            pointers = self._read_pointers()
+            previous = pointers.get(key)
+            if previous == version:
+                return
+            pointers[key] = version
+            self._append_event(
+                ActivationEvent(
+                    model=model,
+                    version=version,
+                    previous=previous,
+                    at=datetime.now(UTC),
+                )
+            )
+            self._cache.set(_POINTERS_KEY, json.dumps(pointers, sort_keys=True))
+            self._cache.incr(_GENERATION_KEY)
+
+        logger.info(
+            "Activated prompt version %s for %s (previous %s)",
+            version,
+            "the default pointer" if model is None else f"model {model!r}",
+            previous,
+        )
+
+    def active_version(self, model: str | None = None) -> str | None:
+        """Return the version `model` is served: its own pointer, else the default."""
+        key = model_key(model)
+        with self._errors("read"):
+            pointers = self._read_pointers()
+        return pointers.get(key, pointers.get(DEFAULT_MODEL_KEY))
+
+    def active_pointers(self) -> dict[str, str]:
+        """Return every pointer, keyed by model name with "*" for the default."""
+        with self._errors("read"):
+            return self._read_pointers()
+
+    def history(self, model: str | None = None) -> list[ActivationEvent]:
+        """Return the activations of `model`'s pointer (None: default), oldest first."""
+        if model == DEFAULT_MODEL_KEY:
+            model = None
+        with self._errors("read"):
+            count = self._read_counter(_HISTORY_COUNT_KEY)
+            texts = [
+                self._cache.get(_event_key(index)) for index in range(1, count + 1)
+            ]
+        events = [self._parse_event(index, text) for index, text in enumerate(texts, 1)]
+        return [event for event in events if event.model == model]
+
+    def generation(self) -> int:
+        """Return a counter that increases on every create and activate."""
+        with self._errors("read"):
+            return self._read_counter(_GENERATION_KEY)
+
+    def ensure_seeded(self, instruction: Instruction) -> PromptVersion | None:
+        """Create v1 from `instruction` and make it the default when the store is empty.
+
+        The check and both writes share one transaction, so processes that
+        start together create exactly one v1. Returns None when the store
+        already had versions.
+        """
+        with self._errors("seed"), self._cache.transact():
+            if self._read_counter(_VERSION_COUNT_KEY) > 0:
+                return None
+            record = self.create(
+                instruction.system_prompt, instruction.examples, source="builtin"
+            )
+            self.activate(record.version)
+        return record
+
+    def close(self) -> None:
+        """Close the SQLite connections of this process."""
+        self._cache.close()
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Convert diskcache and SQLite failures into StoreError naming the path."""
+        try:
+            yield
+        except diskcache.Timeout:
+            raise StoreError(
+                f"Could not {action} the prompt store at {str(self.directory)!r}: "
+                f"another process held its write lock for more than "
+                f"{self._timeout} s. Retry the command."
+            ) from None
+        except (sqlite3.Error, OSError) as error:
+            raise StoreError(
+                f"Could not {action} the prompt store at {str(self.directory)!r}: "
+                f"{error}. Check that the directory is readable and writable and "
+                "that its cache.db is a diskcache database, or choose another "
+                "directory with --data-dir or DRPO_DATA_DIR."
+            ) from error
+
+    def _contains(self, version: str) -> bool:
+        return self._cache.get(_version_key(version)) is not None
+
+    def _read_counter(self, key: str) -> int:
+        value = self._cache.get(key, 0)
+        if not isinstance(value, int):
+            raise self._corrupt(f"counter {key!r}", f"{value!r} is not an integer")
+        return value
+
+    def _read_pointers(self) -> dict[str, str]:
+        text = self._cache.get(_POINTERS_KEY)
+        if text is None:
+            return {}
+        try:
+            return _POINTERS_ADAPTER.validate_json(text)
+        except ValidationError as error:
+            raise self._corrupt("the active pointers", _first_problem(error)) from None
+
+    def _append_event(self, event: ActivationEvent) -> None:
+        index = self._cache.incr(_HISTORY_COUNT_KEY)
+        self._cache.set(_event_key(index), event.model_dump_json())
+
+    def _parse_version(self, version: str, text: object) -> PromptVersion:
+        if text is None:
+            raise self._corrupt(f"prompt version {version!r}", "the record is missing")
+        if not isinstance(text, str):
+            raise self._corrupt(f"prompt version {version!r}", "the record is not text")
+        try:
+            record = PromptVersion.model_validate_json(text)
+        except ValidationError as error:
+            raise self._corrupt(
+                f"prompt version {version!r}", _first_problem(error)
+            ) from None
+        if record.version != version:
+            raise self._corrupt(
+                f"prompt version {version!r}",
+                f"the record is labelled {record.version!r}",
+            )
+        return record
+
+    def _parse_event(self, index: int, text: object) -> ActivationEvent:
+        if not isinstance(text, str):
+            raise self._corrupt(f"history event {index}", "the record is missing")
+        try:
+            return ActivationEvent.model_validate_json(text)
+        except ValidationError as error:
+            raise self._corrupt(
+                f"history event {index}", _first_problem(error)
+            ) from None
+
+    def _corrupt(self, item: str, problem: str) -> StoreError:
+        return StoreError(
+            f"The prompt store at {str(self.directory)!r} is corrupt: {item} "
+            f"cannot be read because {problem}. Restore the directory from a "
+            "backup, or export the readable versions with `drpo-gateway prompts "
+            "export VERSION ...` and import them into a new directory."
+        )
+
+
+def _check_scores(scores: Mapping[str, float]) -> None:
+    for name, value in scores.items():
+        if not math.isfinite(value):
+            raise ValueError(
+                f"Score {name!r} is {value!r}, but scores must be finite numbers."
+            )
+
+
+def _first_problem(error: ValidationError) -> str:
+    problem = error.errors()[0]
+    location = ".".join(str(part) for part in problem["loc"]) or "the record"
+    return f"{location}: {problem['msg']}"

@@ -1,0 +1,1 @@
+"""DRPO search over alignment instructions (system prompt and in-context examples)."""

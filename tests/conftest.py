@@ -1,0 +1,116 @@
+"""Fixtures shared by the test suite: a fake upstream and a gateway in front of it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import create_app
+from gateway.instruction import Example, PromptVersion
+from gateway.settings import InjectionMode, Settings, load_settings
+from gateway.upstream import UpstreamTarget
+from tests.fakes.upstream import FakeUpstream, ServerThread, wait_until
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream()
+    server = ServerThread(fake.app())
+    fake.port = server.start()
+    yield fake
+    server.stop()
+
+
+class RunningGateway:
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.settings = settings
+        self.thread = ServerThread(app)
+        self.port = self.thread.start()
+        self.app = app
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **options: Any) -> openai.OpenAI:
+        options.setdefault("api_key", "unused")
+        options.setdefault("max_retries", 0)
+        return openai.OpenAI(base_url=self.url + "/v1", **options)
+
+    @property
+    def store(self) -> Any:
+        return self.app.state.gateway.store
+
+    def activate(
+        self, system_prompt: str, examples: Sequence[tuple[str, str]] = ()
+    ) -> PromptVersion:
+        """Create a version, make it the default and wait until the gateway serves it."""
+        version: PromptVersion = self.store.create(
+            system_prompt, [Example(query=q, answer=a) for q, a in examples]
+        )
+        self.store.activate(version.version)
+        prompts = self.app.state.gateway.parts.prompts
+
+        def served() -> bool:
+            active = prompts.active.get("*")
+            return active is not None and active.version == version.version
+
+        if not wait_until(served):
+            raise AssertionError(f"the gateway never loaded {version.version}")
+        return version
+
+    def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Scrape /metrics and return the labels and value of each `name` sample."""
+        text = httpx.get(self.url + "/metrics").text
+        return [
+            (sample.labels, sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        ]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Return the sum of the `name` samples whose labels include `labels`."""
+        return sum(
+            value
+            for sample_labels, value in self.samples(name)
+            if all(sample_labels.get(key) == want for key, want in labels.items())
+        )
+
+    def stop(self) -> None:
+        self.thread.stop()
+
+
+GatewayFactory = Callable[..., RunningGateway]
+
+
+@pytest.fixture
+def start_gateway(
+    tmp_path: Path, fake_upstream: FakeUpstream
+) -> Iterator[GatewayFactory]:
+    """Start a gateway in front of the fake upstream; options become settings."""
+    started: list[RunningGateway] = []
+
+    def start(
+        default_mode: InjectionMode = InjectionMode.CHAT,
+        upstream_url: str | None = None,
+        **options: Any,
+    ) -> RunningGateway:
+        options.setdefault("data_dir", tmp_path / "data")
+        options.setdefault("store_poll_interval", 0.05)
+        url = upstream_url or fake_upstream.base_url
+        settings = load_settings(upstream=url, **options)
+        app = create_app(settings, UpstreamTarget(url, "upstream-secret", default_mode))
+        gateway = RunningGateway(app, settings)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
