@@ -15,6 +15,7 @@ from gateway.errors import ConfigurationError
 from gateway.prompts_cli import prompts_app
 from gateway.settings import Engine, InjectionMode, Settings, load_settings
 from gateway.upstream import UpstreamTarget
+from optimizer.cli import optimize
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(prompts_app, name="prompts")
+app.command("optimize")(optimize)
 
 ConfigOption = Annotated[
     Path | None,

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
-Handler = Callable[[GatewayState, bytes, RequestContext], Awaitable[Reply | StreamReply]]
+Handler = Callable[
+    [GatewayState, bytes, RequestContext], Awaitable[Reply | StreamReply]
+]
 
 # Status logged for a client that left before its response was ready; nginx's
 # convention, never sent on the wire.
@@ -66,7 +68,9 @@ async def handle(request: Request, route: str, handler: Handler) -> Response:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     except Exception:
         ctx.status = 500
-        logger.exception("request_id=%s failed with an unexpected error", ctx.request_id)
+        logger.exception(
+            "request_id=%s failed with an unexpected error", ctx.request_id
+        )
         done()
         response = internal_error_response()
     response.headers[REQUEST_ID_HEADER] = ctx.request_id
@@ -118,7 +122,9 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     upstream_ready = await state.parts.upstream.is_ready()
-    active = {model: version.version for model, version in state.parts.prompts.active.items()}
+    active = {
+        model: version.version for model, version in state.parts.prompts.active.items()
+    }
     body = {
         "status": "ready" if upstream_ready and active else "not_ready",
         "upstream": "reachable" if upstream_ready else "unreachable",

@@ -34,7 +34,13 @@ DROPPED_REQUEST_HEADERS = frozenset(
     }
 )
 DROPPED_RESPONSE_HEADERS = frozenset(
-    {"content-length", "connection", "keep-alive", "transfer-encoding", "content-encoding"}
+    {
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-encoding",
+    }
 )
 
 
@@ -97,7 +103,7 @@ class UpstreamClient:
             method, path, content=content, headers=headers, params=params
         )
         with upstream_errors(self.target.base_url):
-            response = await self._client.send(request, stream=True)
+            response = await self._send(request, stream=True)
         try:
             yield response
         finally:
@@ -111,12 +117,30 @@ class UpstreamClient:
         A 4xx response raises UpstreamStatusError carrying the upstream body; a
         5xx raises UpstreamError.
         """
+        request = self._client.build_request(
+            "POST", path, content=content, headers=_json_headers(headers)
+        )
         with upstream_errors(self.target.base_url):
-            response = await self._client.post(
-                path, content=content, headers=_json_headers(headers)
-            )
+            response = await self._send(request, stream=False)
         check_status(response, response.content)
         return response.content
+
+    async def _send(self, request: httpx.Request, *, stream: bool) -> httpx.Response:
+        """Send `request`, once more on a new connection if a pooled one was stale.
+
+        A keep-alive connection that the server closed meanwhile fails with
+        "Server disconnected without sending a response" before any byte of
+        the response. llama-server does this to some connections that carried
+        a stream. The request is sent again, which is safe for completions
+        because they have no side effects.
+        """
+        try:
+            return await self._client.send(request, stream=stream)
+        except httpx.RemoteProtocolError as error:
+            if "without sending a response" not in str(error):
+                raise
+            logger.debug("Retrying on a new connection after: %s", error)
+            return await self._client.send(request, stream=stream)
 
     async def is_ready(self) -> bool:
         """Return whether the upstream answers its health or models endpoint."""

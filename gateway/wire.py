@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.errors import InvalidRequestError
 
@@ -19,9 +19,24 @@ class _Permissive(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class ContentPart(_Permissive):
+    """One part of a message's content list: text, image_url, input_audio, ..."""
+
+    type: str = Field(min_length=1)
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a part of type 'text' needs a string field 'text'")
+        return self
+
+
 class ChatMessage(_Permissive):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+    # The list comes first so that pydantic reports the error of a bad part
+    # (messages[0].content[1].text) before the mismatch with `str`.
+    content: list[ContentPart] | str | None = None
 
 
 class StreamOptions(_Permissive):

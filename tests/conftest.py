@@ -17,14 +17,30 @@ from gateway.settings import InjectionMode, Settings, load_settings
 from gateway.upstream import UpstreamTarget
 from tests.fakes.upstream import FakeUpstream, ServerThread, wait_until
 
+# uvicorn takes over 0.1 s to shut down, so test servers are only asked to
+# stop when their test ends, and joined once at the end of the session.
+_STOPPING: list[ServerThread] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def join_stopped_servers() -> Iterator[None]:
+    yield
+    for server in _STOPPING:
+        server.join()
+
+
+def stop_later(server: ServerThread) -> None:
+    server.request_stop()
+    _STOPPING.append(server)
+
 
 @pytest.fixture
 def fake_upstream() -> Iterator[FakeUpstream]:
     fake = FakeUpstream()
-    server = ServerThread(fake.app())
-    fake.port = server.start()
+    fake.server = ServerThread(fake.app())
+    fake.port = fake.server.start()
     yield fake
-    server.stop()
+    stop_later(fake.server)
 
 
 class RunningGateway:
@@ -50,7 +66,7 @@ class RunningGateway:
     def activate(
         self, system_prompt: str, examples: Sequence[tuple[str, str]] = ()
     ) -> PromptVersion:
-        """Create a version, make it the default and wait until the gateway serves it."""
+        """Create and activate a default version; wait until the gateway serves it."""
         version: PromptVersion = self.store.create(
             system_prompt, [Example(query=q, answer=a) for q, a in examples]
         )
@@ -74,6 +90,15 @@ class RunningGateway:
             for sample in family.samples
             if sample.name == name
         ]
+
+    def wait_for_requests(self, count: int) -> None:
+        """Wait until `count` requests are recorded.
+
+        A stream's metrics are recorded after its last byte is sent, so a
+        client can finish reading before they are.
+        """
+        if not wait_until(lambda: self.metric("drpo_requests_total") >= count):
+            raise AssertionError(f"the gateway never recorded {count} requests")
 
     def metric(self, name: str, **labels: str) -> float:
         """Return the sum of the `name` samples whose labels include `labels`."""
@@ -113,4 +138,4 @@ def start_gateway(
 
     yield start
     for gateway in started:
-        gateway.stop()
+        stop_later(gateway.thread)

@@ -17,8 +17,15 @@ conversation are rendered as plain text sections::
 
 The prompt ends with an open answer section (``<START>`` and a newline), and
 the model is expected to write one answer and then ``<END>``. It often runs on
-into a new query or answer section instead, so `AnswerTrimmer` cuts the
+into a new ``<START>``, query or answer section instead, so
+`base_stop_strings` stops the upstream there and `AnswerTrimmer` cuts the
 generated text at the first framing marker.
+
+Measured with the Gemma 3 270M base model (Q4_K_M) under llama-server on 2
+CPU threads, the default instruction, 20 queries, 200 tokens at most and
+temperature 0.8 or 1.0: with ``<END>`` as the only stop string, 12 of 40
+answers ran on or never stopped and 7 of 40 began by echoing ``<START>``.
+With `base_stop_strings`, none of 20 answers reached the token limit.
 """
 
 from __future__ import annotations
@@ -80,9 +87,11 @@ def base_stop_strings(client_stop: str | list[str] | None) -> list[str]:
                 param="stop",
             )
 
-    # "\n# Query:" and not "\n# Query": the shorter form would also stop a
-    # legitimate Markdown heading such as "# Query optimization".
-    candidates = [END, f"\n{QUERY_HEADER}", f"\n{ANSWER_HEADER}", START]
+    # "\n# Query:" and not "\n# Query", because the shorter form would also
+    # stop a legitimate Markdown heading such as "# Query optimization".
+    # "\n<START>" and not "<START>", because the model often echoes START as
+    # its first output and may write a usable answer after it.
+    candidates = [END, f"\n{QUERY_HEADER}", f"\n{ANSWER_HEADER}", f"\n{START}"]
     candidates += client_stops
     return list(dict.fromkeys(stop for stop in candidates if stop))
 
@@ -184,20 +193,37 @@ def _find_marker(text: str, at_line_start: bool) -> tuple[str, int] | None:
     return None
 
 
+def _skip_leading_echo(text: str) -> str:
+    """Remove leading whitespace and any `START` markers among it."""
+    text = text.lstrip()
+    while _ascii_lower(text[: len(START)]) == _LOWER_START:
+        text = text[len(START) :].lstrip()
+    return text
+
+
+def _may_become_echo(text: str) -> bool:
+    return len(text) < len(START) and _LOWER_START.startswith(_ascii_lower(text))
+
+
+_LOWER_START = _ascii_lower(START)
+
+
 class AnswerTrimmer:
     """Streaming-safe cleaner of one base-mode answer.
 
     The trimmer cuts the answer at the first framing marker, strips leading
     whitespace and the whitespace before the cut or the end, and drops a
-    dangling partial marker when the stream ends. It holds back only text that
+    dangling partial marker when the stream ends. A `START` before any other
+    text is an echo of the open answer section: it is skipped, not cut at,
+    because the text after it is often a usable answer. It holds back only text that
     could still be trailing whitespace or the start of a marker, so the
     concatenated output of `feed` and `finish` equals `trim_answer` of the
     whole text however the text is split into chunks.
 
     `prefill` is the assistant text the prompt ended with (see
     `PromptBuilder.base_prompt`). When it is set, the generated text continues
-    it: leading whitespace is kept, and the text starts a line only when the
-    prefill ends with a newline.
+    it: leading whitespace and a leading `START` are kept, and the text starts
+    a line only when the prefill ends with a newline.
 
     `stopped` becomes true once a marker was seen, and later `feed` calls
     return "". `was_cut` is also true when `finish` dropped a dangling partial
@@ -209,20 +235,20 @@ class AnswerTrimmer:
         self.was_cut = False
         self._finished = False
         self._pending = ""
-        self._strip_leading = not prefill
+        self._in_leading_text = not prefill
         self._pending_at_line_start = not prefill or prefill.endswith("\n")
 
     def feed(self, text: str) -> str:
         """Add generated text and return the part that is now safe to emit."""
         if self._finished:
             return ""
-        if self._strip_leading:
-            text = text.lstrip()
-            if not text:
-                return ""
-            self._strip_leading = False
-
         self._pending += text
+        if self._in_leading_text:
+            self._pending = _skip_leading_echo(self._pending)
+            if not self._pending or _may_become_echo(self._pending):
+                return ""
+            self._in_leading_text = False
+
         found = _find_marker(self._pending, self._pending_at_line_start)
         if found is not None and found[0] == _COMPLETE:
             return self._cut(found[1])
@@ -260,7 +286,7 @@ class AnswerTrimmer:
 
 
 def trim_answer(text: str, prefill: str = "") -> tuple[str, bool]:
-    """Trim a whole base-mode answer and report whether a marker was cut."""
+    """Trim a whole base-mode answer and report whether any text was cut."""
     trimmer = AnswerTrimmer(prefill)
     clean = trimmer.feed(text) + trimmer.finish()
     return clean, trimmer.was_cut

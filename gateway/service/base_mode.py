@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, UpstreamError
 from gateway.prompting import AnswerTrimmer, base_stop_strings, trim_answer
 
 # Chat fields that have no meaning for /v1/completions; everything else the
@@ -67,8 +67,15 @@ def completion_request(
     request["prompt"] = prompt
     request["stop"] = base_stop_strings(body.get("stop"))
     request["max_tokens"] = (
-        body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
+        body.get("max_completion_tokens")
+        or body.get("max_tokens")
+        or default_max_tokens
     )
+    schema = _json_schema(body.get("response_format"))
+    if schema is not None:
+        # llama-server ignores response_format on /v1/completions but honours a
+        # top-level json_schema; vLLM reads response_format and ignores it.
+        request["json_schema"] = schema
     if body.get("logprobs"):
         # Completions take the number of alternatives; 0 is not accepted by
         # every server, so ask for 1 and drop it again when the client wants 0.
@@ -78,17 +85,57 @@ def completion_request(
     return request
 
 
+def completion_choices(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the choices of a completion result or event.
+
+    Raises UpstreamError when they are not a list of objects with a string
+    (or absent) text, so that a broken upstream gets a 502 and not a crash.
+    """
+    choices = payload.get("choices")
+    if choices is None:
+        return []
+    if isinstance(choices, list) and all(_is_choice(choice) for choice in choices):
+        return choices
+    raise UpstreamError(
+        "The upstream returned completion choices of an unexpected shape: "
+        f"{str(choices)[:200]!r}. Check that DRPO_UPSTREAM is an "
+        "OpenAI-compatible server.",
+        code="invalid_response",
+    )
+
+
+def _is_choice(choice: object) -> bool:
+    return isinstance(choice, dict) and isinstance(choice.get("text") or "", str)
+
+
+def _json_schema(response_format: object) -> dict[str, Any] | None:
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_object":
+        return {"type": "object"}
+    spec = response_format.get("json_schema")
+    if response_format.get("type") == "json_schema" and isinstance(spec, dict):
+        schema = spec.get("schema")
+        return schema if isinstance(schema, dict) else {"type": "object"}
+    return None
+
+
 def chat_completion_id(completion_id: object) -> str:
     text = str(completion_id or f"{time.time_ns():x}")
     return "chatcmpl-" + text.removeprefix("cmpl-").removeprefix("chatcmpl-")
 
 
-def chat_response(payload: dict[str, Any], top_logprobs: int | None) -> dict[str, Any]:
-    """Turn a /v1/completions response into a chat completion, framing trimmed."""
+def chat_response(
+    payload: dict[str, Any], top_logprobs: int | None, prefill: str = ""
+) -> dict[str, Any]:
+    """Turn a /v1/completions response into a chat completion, framing trimmed.
+
+    `prefill` is the text of a final assistant message that the answer continues.
+    """
     choices = []
-    for position, choice in enumerate(payload.get("choices") or []):
+    for position, choice in enumerate(completion_choices(payload)):
         raw_text = choice.get("text") or ""
-        text, cut = trim_answer(raw_text)
+        text, cut = trim_answer(raw_text, prefill)
         finish_reason = "stop" if cut else choice.get("finish_reason")
         entry: dict[str, Any] = {
             "index": choice.get("index", position),
@@ -98,7 +145,9 @@ def chat_response(payload: dict[str, Any], top_logprobs: int | None) -> dict[str
         }
         if top_logprobs is not None:
             span = kept_span(raw_text, text)
-            entry["logprobs"] = chat_logprobs(choice.get("logprobs"), top_logprobs, span)
+            entry["logprobs"] = chat_logprobs(
+                choice.get("logprobs"), top_logprobs, span
+            )
         choices.append(entry)
     response: dict[str, Any] = {
         "id": chat_completion_id(payload.get("id")),
@@ -123,38 +172,79 @@ def kept_span(raw_text: str, kept: str) -> tuple[int, int]:
 def chat_logprobs(
     logprobs: object, top_logprobs: int, span: tuple[int, int] | None = None
 ) -> dict[str, Any] | None:
-    """Convert completion logprobs (tokens, token_logprobs, ...) to the chat shape.
+    """Convert completion logprobs to the chat shape `{"content": [...]}`.
 
+    vLLM and OpenAI send the legacy completions shape (tokens, token_logprobs,
+    top_logprobs, text_offset); llama-server sends the chat shape already.
     Tokens that lie wholly outside `span` (the framing that was trimmed) are
-    left out.
+    left out. Malformed logprobs give None rather than an error, because they
+    are an extra the answer does not depend on.
     """
     if not isinstance(logprobs, dict):
         return None
+    try:
+        if isinstance(logprobs.get("content"), list):
+            entries = _chat_shape_entries(logprobs["content"], top_logprobs)
+        else:
+            entries = _legacy_entries(logprobs, top_logprobs)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+        return None
+    content = []
+    position = 0
+    for entry in entries:
+        start = position
+        position += len(entry["token"])
+        if span is not None and (position <= span[0] or start >= span[1]):
+            continue
+        content.append(entry)
+    return {"content": content}
+
+
+def _legacy_entries(
+    logprobs: dict[str, Any], top_logprobs: int
+) -> list[dict[str, Any]]:
     tokens = logprobs.get("tokens") or []
     values = logprobs.get("token_logprobs") or []
     tops = logprobs.get("top_logprobs") or []
-    offsets = logprobs.get("text_offset")
-    content = []
-    position = 0
+    entries = []
     for index, token in enumerate(tokens):
-        start = offsets[index] - offsets[0] if offsets else position
-        position = start + len(token)
-        if span is not None and (position <= span[0] or start >= span[1]):
-            continue
         alternatives = tops[index] if index < len(tops) and tops[index] else {}
-        ranked = sorted(alternatives.items(), key=lambda item: -item[1])
-        content.append(
+        ranked = sorted(alternatives.items(), key=lambda item: -float(item[1]))
+        entries.append(
             {
-                "token": token,
+                "token": str(token),
                 "logprob": values[index] if index < len(values) else None,
-                "bytes": list(token.encode()),
+                "bytes": list(str(token).encode()),
                 "top_logprobs": [
                     {"token": name, "logprob": value, "bytes": list(name.encode())}
                     for name, value in ranked[:top_logprobs]
                 ],
             }
         )
-    return {"content": content}
+    return entries
+
+
+def _chat_shape_entries(items: list[Any], top_logprobs: int) -> list[dict[str, Any]]:
+    entries = []
+    for item in items:
+        token = str(item["token"])
+        alternatives = item.get("top_logprobs") or []
+        entries.append(
+            {
+                "token": token,
+                "logprob": item.get("logprob"),
+                "bytes": item.get("bytes") or list(token.encode()),
+                "top_logprobs": [
+                    {
+                        "token": str(top["token"]),
+                        "logprob": top.get("logprob"),
+                        "bytes": top.get("bytes") or list(str(top["token"]).encode()),
+                    }
+                    for top in alternatives[:top_logprobs]
+                ],
+            }
+        )
+    return entries
 
 
 @dataclass
@@ -170,9 +260,10 @@ class _ChoiceState:
 class ChatChunkConverter:
     """Turn streamed completion events into chat completion chunks as they come."""
 
-    def __init__(self, n: int, top_logprobs: int | None) -> None:
+    def __init__(self, n: int, top_logprobs: int | None, prefill: str = "") -> None:
         self.n = n
         self.top_logprobs = top_logprobs
+        self.prefill = prefill
         self.id = chat_completion_id(None)
         self.model: Any = None
         self.created = int(time.time())
@@ -206,7 +297,7 @@ class ChatChunkConverter:
         if payload.get("usage"):
             self.usage = payload["usage"]
         chunks: list[dict[str, Any]] = []
-        for position, choice in enumerate(payload.get("choices") or []):
+        for position, choice in enumerate(completion_choices(payload)):
             index = choice.get("index", position)
             chunks.extend(self._convert_choice(index, choice))
         return chunks
@@ -215,7 +306,9 @@ class ChatChunkConverter:
         """Close every choice the upstream left open when its stream ended."""
         chunks: list[dict[str, Any]] = []
         for index in range(self.n):
-            state = self._choices.setdefault(index, _ChoiceState())
+            state = self._choices.setdefault(
+                index, _ChoiceState(AnswerTrimmer(self.prefill))
+            )
             if not state.finished:
                 chunks.extend(self._close(index, state, "stop"))
         return chunks
@@ -226,7 +319,9 @@ class ChatChunkConverter:
     def _convert_choice(
         self, index: int, choice: dict[str, Any]
     ) -> list[dict[str, Any]]:
-        state = self._choices.setdefault(index, _ChoiceState())
+        state = self._choices.setdefault(
+            index, _ChoiceState(AnswerTrimmer(self.prefill))
+        )
         if state.finished:
             return []
         chunks = []

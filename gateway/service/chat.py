@@ -46,7 +46,6 @@ class ChatCompletions:
         ctx.prompt_version = version_label(version)
         examples = await self._examples(version, body["messages"])
         instruction = version.instruction if version is not None else EMPTY_INSTRUCTION
-        self._count_injected(instruction, examples, ctx, version)
 
         upstream_headers = forwarded_headers(headers)
         if parts.modes(request.model) is InjectionMode.BASE:
@@ -57,6 +56,8 @@ class ChatCompletions:
             body["messages"] = parts.builder.chat_messages(
                 instruction, body["messages"], examples
             )
+            injected = parts.builder.injected_text(instruction, examples)
+            self._count_injected(injected, ctx)
         return await self._chat_mode(body, request, upstream_headers, ctx, version)
 
     async def _examples(
@@ -66,19 +67,9 @@ class ChatCompletions:
             return ()
         return await self._parts.select_examples(version, last_user_text(messages))
 
-    def _count_injected(
-        self,
-        instruction: Instruction,
-        examples: tuple[Example, ...],
-        ctx: RequestContext,
-        version: PromptVersion | None,
-    ) -> None:
-        if version is None:
-            return
-        text = self._parts.builder.injected_text(instruction, examples)
-        count = self._parts.injected_tokens.count(text)
-        if count:
-            self._parts.metrics.injected_tokens.labels(model=ctx.model).inc(count)
+    def _count_injected(self, text: str, ctx: RequestContext) -> None:
+        counter = self._parts.metrics.injected_tokens.labels(model=ctx.model)
+        self._parts.injected_tokens.count(text, counter.inc)
 
     async def _chat_mode(
         self,
@@ -95,7 +86,9 @@ class ChatCompletions:
                 "include_usage": True,
             }
             relay = PassthroughRelay(ctx, client_wants_usage)
-            return await self._stream("/chat/completions", body, relay, headers, ctx, version)
+            return await self._stream(
+                "/chat/completions", body, relay, headers, ctx, version
+            )
 
         ctx.mark_upstream_start()
         content = await self._parts.upstream.post_json(
@@ -118,6 +111,8 @@ class ChatCompletions:
         reject_tools(body)
         builder = self._parts.builder
         prompt = builder.base_prompt(instruction, body["messages"], examples)
+        if version is not None:
+            self._count_injected(builder.base_prefix(instruction, examples), ctx)
         completion = completion_request(
             body, prompt, self._parts.settings.base_max_tokens
         )
@@ -129,15 +124,20 @@ class ChatCompletions:
                 top_logprobs,
                 _client_wants_usage(body),
                 lambda: self._parts.injected_tokens.tokenize(prompt),
+                prefill_text(body["messages"]),
             )
-            return await self._stream("/completions", completion, relay, headers, ctx, version)
+            return await self._stream(
+                "/completions", completion, relay, headers, ctx, version
+            )
 
         ctx.mark_upstream_start()
         content = await self._parts.upstream.post_json(
             "/completions", orjson.dumps(completion), headers
         )
         ctx.mark_upstream_end()
-        response = chat_response(decode_response(content), top_logprobs)
+        response = chat_response(
+            decode_response(content), top_logprobs, prefill_text(body["messages"])
+        )
         ctx.usage = response.get("usage")
         return Reply(200, orjson.dumps(response), version_header(version))
 
@@ -151,8 +151,12 @@ class ChatCompletions:
         version: PromptVersion | None,
     ) -> StreamReply:
         parts = self._parts
-        stream = await open_stream(parts.upstream, path, orjson.dumps(body), headers, ctx)
-        deadline = asyncio.get_running_loop().time() + parts.settings.upstream_total_timeout
+        stream = await open_stream(
+            parts.upstream, path, orjson.dumps(body), headers, ctx
+        )
+        deadline = (
+            asyncio.get_running_loop().time() + parts.settings.upstream_total_timeout
+        )
         events = pump(stream, relay, ctx, deadline, parts.count_upstream_error)
         return StreamReply(events, headers=version_header(version), close=stream.aclose)
 
@@ -177,6 +181,20 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
                 if isinstance(part, dict) and part.get("type") == "text"
             )
     return ""
+
+
+def prefill_text(messages: list[dict[str, Any]]) -> str:
+    """Return the final assistant message's text, which base mode continues."""
+    if not messages or messages[-1].get("role") != "assistant":
+        return ""
+    content = messages[-1].get("content")
+    if isinstance(content, list):
+        return "\n".join(
+            part.get("text", "")
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return content if isinstance(content, str) else ""
 
 
 def decode_response(content: bytes) -> dict[str, Any]:

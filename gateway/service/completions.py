@@ -10,6 +10,7 @@ import orjson
 
 from gateway.errors import InvalidRequestError
 from gateway.prompting import base_stop_strings, trim_answer
+from gateway.service.base_mode import completion_choices
 from gateway.service.chat import decode_response
 from gateway.service.components import Components, version_header, version_label
 from gateway.service.context import Reply, RequestContext, StreamReply
@@ -37,6 +38,9 @@ class Completions:
         ctx.prompt_version = version_label(version)
         if version is not None:
             body = self._wrap(body, request, version.instruction)
+            counter = parts.metrics.injected_tokens.labels(model=ctx.model)
+            prefix = parts.builder.base_prefix(version.instruction)
+            parts.injected_tokens.count(prefix, counter.inc)
         upstream_headers = forwarded_headers(headers)
         reply_headers = version_header(version) if wrapped else {}
 
@@ -54,10 +58,15 @@ class Completions:
                 else PassthroughRelay(ctx, client_wants_usage)
             )
             stream = await open_stream(
-                parts.upstream, "/completions", orjson.dumps(body), upstream_headers, ctx
+                parts.upstream,
+                "/completions",
+                orjson.dumps(body),
+                upstream_headers,
+                ctx,
             )
             deadline = (
-                asyncio.get_running_loop().time() + parts.settings.upstream_total_timeout
+                asyncio.get_running_loop().time()
+                + parts.settings.upstream_total_timeout
             )
             events = pump(stream, relay, ctx, deadline, parts.count_upstream_error)
             return StreamReply(events, headers=reply_headers, close=stream.aclose)
@@ -71,7 +80,7 @@ class Completions:
         ctx.usage = payload.get("usage")
         if version is None:
             return Reply(200, content, reply_headers)
-        for choice in payload.get("choices") or []:
+        for choice in completion_choices(payload):
             text, cut = trim_answer(choice.get("text") or "")
             choice["text"] = text
             if cut:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import orjson
 
 from gateway.prompting import AnswerTrimmer
-from gateway.service.base_mode import ChatChunkConverter
+from gateway.service.base_mode import ChatChunkConverter, completion_choices
 from gateway.service.context import RequestContext
 from gateway.service.sse import DONE, DONE_EVENT, encode_event, event_data
 
@@ -40,7 +40,9 @@ def decode_payload(event: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-def _has_output(choice: dict[str, Any]) -> bool:
+def _has_output(choice: object) -> bool:
+    if not isinstance(choice, dict):
+        return False
     part = choice.get("delta") or {}
     if isinstance(part, dict):
         return bool(part.get("content") or part.get("tool_calls"))
@@ -60,7 +62,9 @@ class PassthroughRelay:
         payload = decode_payload(event)
         if payload is None:
             return [event]
-        choices = payload.get("choices") or []
+        choices = payload.get("choices")
+        if not isinstance(choices, list):
+            choices = []
         if self._ctx.first_token_at is None and any(_has_output(c) for c in choices):
             self._ctx.mark_first_token()
         if "usage" not in payload or self._client_wants_usage:
@@ -88,9 +92,10 @@ class BaseChatRelay:
         top_logprobs: int | None,
         client_wants_usage: bool,
         count_prompt_tokens: Callable[[], Awaitable[int | None]],
+        prefill: str = "",
     ) -> None:
         self._ctx = ctx
-        self._converter = ChatChunkConverter(n, top_logprobs)
+        self._converter = ChatChunkConverter(n, top_logprobs, prefill)
         self._client_wants_usage = client_wants_usage
         self._count_prompt_tokens = count_prompt_tokens
         self._completion_tokens = 0
@@ -106,7 +111,7 @@ class BaseChatRelay:
         if "error" in payload:
             return [event]
         self._completion_tokens += sum(
-            1 for choice in payload.get("choices") or [] if choice.get("text")
+            1 for choice in completion_choices(payload) if choice.get("text")
         )
         chunks = self._converter.convert(payload)
         if self._converter.content_seen:
@@ -162,9 +167,11 @@ class TrimmedCompletionRelay:
             return []
         if payload.get("usage"):
             self._ctx.usage = payload["usage"]
-        self._last = {key: payload.get(key) for key in ("id", "object", "created", "model")}
+        self._last = {
+            key: payload.get(key) for key in ("id", "object", "created", "model")
+        }
         events = []
-        for position, choice in enumerate(payload.get("choices") or []):
+        for position, choice in enumerate(completion_choices(payload)):
             index = choice.get("index", position)
             if index in self._finished:
                 continue
@@ -182,7 +189,9 @@ class TrimmedCompletionRelay:
             if text or finish_reason:
                 events.append(self._event(index, text, finish_reason))
         if payload.get("usage") and self._client_wants_usage and not events:
-            events.append(encode_event({**self._last, "choices": [], "usage": payload["usage"]}))
+            events.append(
+                encode_event({**self._last, "choices": [], "usage": payload["usage"]})
+            )
         return events
 
     async def on_end(self) -> list[bytes]:

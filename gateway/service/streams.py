@@ -53,10 +53,32 @@ async def open_stream(
             with upstream_errors(upstream.target.base_url):
                 body = await response.aread()
             check_status(response, body)
+        await _check_event_stream(response, upstream.target.base_url)
     except BaseException:
         await stack.aclose()
         raise
     return OpenStream(response, stack)
+
+
+async def _check_event_stream(response: httpx.Response, base_url: str) -> None:
+    """Raise UpstreamError when a 2xx response to a stream request is not SSE.
+
+    A server that ignores `stream` returns one JSON body, which contains no
+    event and would reach the client as an empty stream. A response without a
+    content type is let through.
+    """
+    content_type = response.headers.get("content-type")
+    if content_type is None or content_type.startswith("text/event-stream"):
+        return
+    with upstream_errors(base_url):
+        body = await response.aread()
+    raise UpstreamError(
+        f"The upstream at {base_url} responded to a streaming request with "
+        f"content type {content_type!r} instead of text/event-stream: "
+        f"{body[:200].decode('utf-8', 'replace')!r}. Check that the server "
+        "supports streaming, or send the request without 'stream'.",
+        code="invalid_response",
+    )
 
 
 async def pump(
@@ -79,7 +101,9 @@ async def pump(
             if chunk is None:
                 break
             started = time.perf_counter()
-            outputs = [out for event in splitter.feed(chunk) for out in relay.on_event(event)]
+            outputs = [
+                out for event in splitter.feed(chunk) for out in relay.on_event(event)
+            ]
             ctx.processing_seconds += time.perf_counter() - started
             for output in outputs:
                 yield output

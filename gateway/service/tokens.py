@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import httpx
 
@@ -23,27 +24,39 @@ class InjectedTokenCounter:
     def __init__(self, upstream: UpstreamClient) -> None:
         self._upstream = upstream
         self._counts: dict[str, int] = {}
-        self._pending: set[str] = set()
+        self._waiting: dict[str, list[Callable[[int], None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def count(self, text: str) -> int | None:
-        """Return the token count of `text`, or None while it is being computed."""
+    def count(self, text: str, record: Callable[[int], None]) -> None:
+        """Call `record` with the token count of `text`, now or once it is known.
+
+        The first request with a new text starts one tokenize call in the
+        background. That request and every one that arrives before the call
+        returns are recorded when it does.
+        """
         if not text:
-            return 0
+            return
         known = self._counts.get(text)
-        if known is not None or text in self._pending:
-            return known
-        self._pending.add(text)
+        if known is not None:
+            record(known)
+            return
+        waiting = self._waiting.get(text)
+        if waiting is not None:
+            waiting.append(record)
+            return
+        self._waiting[text] = [record]
         task = asyncio.create_task(self._measure(text))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return None
 
     async def _measure(self, text: str) -> None:
         try:
-            self._counts[text] = await self.tokenize(text)
+            count = await self.tokenize(text)
         finally:
-            self._pending.discard(text)
+            records = self._waiting.pop(text, [])
+        self._counts[text] = count
+        for record in records:
+            record(count)
 
     async def tokenize(self, text: str) -> int:
         """Return the upstream's token count of `text`, or an estimate."""
@@ -57,7 +70,12 @@ class InjectedTokenCounter:
                 break
             if response.status_code != 200:
                 continue
-            payload = response.json()
+            try:
+                payload = response.json()
+            except ValueError:
+                continue
+            if not isinstance(payload, dict):
+                continue
             if isinstance(payload.get("count"), int):
                 return int(payload["count"])
             if isinstance(payload.get("tokens"), list):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections import deque
@@ -59,6 +60,7 @@ class FakeUpstream:
     max_in_flight: int = 0
     cancelled: int = 0
     completed_streams: int = 0
+    server: ServerThread | None = None
     sent_at: list[float] = field(default_factory=list)
     """time.monotonic() of every stream event written, across all streams."""
 
@@ -75,7 +77,9 @@ class FakeUpstream:
     def app(self) -> Starlette:
         return Starlette(
             routes=[
-                Route("/v1/{path:path}", self._handle, methods=["GET", "POST", "DELETE"]),
+                Route(
+                    "/v1/{path:path}", self._handle, methods=["GET", "POST", "DELETE"]
+                ),
                 Route("/health", lambda request: JSONResponse({"status": "ok"})),
                 Route("/tokenize", self._tokenize, methods=["POST"]),
             ]
@@ -134,7 +138,12 @@ class FakeUpstream:
 
     def _default(self, path: str, body: bytes) -> Scripted:
         if path == "/models":
-            return Scripted(body={"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+            return Scripted(
+                body={
+                    "object": "list",
+                    "data": [{"id": "fake-model", "object": "model"}],
+                }
+            )
         request = json.loads(body) if body else {}
         if path == "/chat/completions":
             if request.get("stream"):
@@ -166,6 +175,14 @@ async def _sleep_while_connected(request: Request, seconds: float) -> bool:
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def closed_port() -> int:
+    """Return a loopback port that nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -205,11 +222,40 @@ def chat_body(text: str, usage: dict[str, int] | None = None) -> dict[str, Any]:
 
 
 def chat_events(pieces: list[str], usage: bool = True) -> list[bytes]:
-    base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": "fake-model"}
-    events = [sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})]
+    base = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "fake-model",
+    }
+    events = [
+        sse(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+    ]
     for piece in pieces:
-        events.append(sse({**base, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}))
-    events.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+        events.append(
+            sse(
+                {
+                    **base,
+                    "choices": [
+                        {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+                    ],
+                }
+            )
+        )
+    events.append(
+        sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    )
     if usage:
         events.append(sse({**base, "choices": [], "usage": USAGE}))
     events.append(sse("[DONE]"))
@@ -222,15 +268,34 @@ def completion_body(text: str, finish_reason: str = "stop") -> dict[str, Any]:
         "object": "text_completion",
         "created": 1700000000,
         "model": "fake-model",
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        ],
         "usage": USAGE,
     }
 
 
-def completion_events(pieces: list[str], usage: bool = True, finish_reason: str = "stop") -> list[bytes]:
-    base = {"id": "cmpl-fake", "object": "text_completion", "created": 1700000000, "model": "fake-model"}
-    events = [sse({**base, "choices": [{"index": 0, "text": piece, "finish_reason": None}]}) for piece in pieces]
-    events.append(sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": finish_reason}]}))
+def completion_events(
+    pieces: list[str], usage: bool = True, finish_reason: str = "stop"
+) -> list[bytes]:
+    base = {
+        "id": "cmpl-fake",
+        "object": "text_completion",
+        "created": 1700000000,
+        "model": "fake-model",
+    }
+    events = [
+        sse({**base, "choices": [{"index": 0, "text": piece, "finish_reason": None}]})
+        for piece in pieces
+    ]
+    events.append(
+        sse(
+            {
+                **base,
+                "choices": [{"index": 0, "text": "", "finish_reason": finish_reason}],
+            }
+        )
+    )
     if usage:
         events.append(sse({**base, "choices": [], "usage": USAGE}))
     events.append(sse("[DONE]"))
@@ -241,7 +306,9 @@ class ServerThread:
     """Run an ASGI app under uvicorn in a background thread on a free port."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
-        self.config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="on")
+        self.config = uvicorn.Config(
+            app, host=host, port=0, log_level="warning", lifespan="on"
+        )
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -254,6 +321,13 @@ class ServerThread:
             time.sleep(0.01)
         return int(self.server.servers[0].sockets[0].getsockname()[1])
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Ask the server to shut down without waiting; several stop in parallel."""
         self.server.should_exit = True
+
+    def join(self) -> None:
         self.thread.join(timeout=15)
+
+    def stop(self) -> None:
+        self.request_stop()
+        self.join()

@@ -241,9 +241,7 @@ def test_tool_message_rejected_naming_param(
     messages = [USER, {"role": "tool", "tool_call_id": "c1", "content": "42"}]
 
     with pytest.raises(openai.BadRequestError) as caught:
-        gateway.client().chat.completions.create(
-            model="fake-model", messages=messages
-        )
+        gateway.client().chat.completions.create(model="fake-model", messages=messages)
 
     assert caught.value.response.json()["error"]["param"] == "messages[1].role"
 

@@ -133,9 +133,7 @@ def test_tool_messages_pass_through_unchanged(
         {"role": "tool", "tool_call_id": "call_1", "content": "12 C, rain"},
     ]
 
-    gateway.client().chat.completions.create(
-        model="fake-model", messages=conversation
-    )
+    gateway.client().chat.completions.create(model="fake-model", messages=conversation)
 
     assert sent_messages(fake_upstream) == [*INJECTED, *conversation]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,7 +25,19 @@ FRAMING = ("<START>", "<END>", "# Query", "# Answer", "# Instructions")
 @pytest.fixture(scope="module")
 def embedded_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Start the gateway CLI with no upstream, as a user would, and stop it after."""
-    data_dir: Path = tmp_path_factory.mktemp("embedded")
+    with serve_embedded(tmp_path_factory.mktemp("embedded")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def embedded_gateway_process(data_dir: Path) -> Iterator[openai.OpenAI]:
+    """Run `drpo-gateway serve` on `data_dir` and yield a client for it."""
+    with serve_embedded(data_dir) as url:
+        yield _client(url)
+
+
+@contextlib.contextmanager
+def serve_embedded(data_dir: Path) -> Iterator[str]:
     port = pick_free_port()
     log = (data_dir / "serve.log").open("wb")
     command = [

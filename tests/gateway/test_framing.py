@@ -11,9 +11,21 @@ from gateway.errors import InvalidRequestError
 from gateway.prompting import END, START, AnswerTrimmer, base_stop_strings, trim_answer
 
 # Run-on answers shaped like the ones a small base model writes after the
-# framing: a closed section and a new query, a section without <END>, Markdown
-# and bold variants of the headers, and an answer that never stops.
+# framing: a new <START> without a header, a closed section and a new query,
+# Markdown and bold variants of the headers, and an answer that never stops.
 RUN_ON_SAMPLES = [
+    (
+        "Canberra is the capital of Australia.\n\n<START>\nIt is a planned city.",
+        "Canberra is the capital of Australia.",
+    ),
+    (
+        "<START>\nBitcoin prices change every minute.\n<START>\nCheck an exchange.",
+        "Bitcoin prices change every minute.",
+    ),
+    (
+        "<START>\n<START>\n<START>\n\n# Query:\nWhy is the sky blue?",
+        "",
+    ),
     (
         "Paris is the capital of France.\n<END>\n\n# Query:\n"
         "What is the capital of Spain?\n\n# Answer:\n<START>\nMadrid.",
@@ -91,7 +103,20 @@ LEGITIMATE_SAMPLES = [
     "Answers vary.\nQuery languages such as SQL differ.",
 ]
 
-SAMPLES = [text for text, _ in RUN_ON_SAMPLES] + LEGITIMATE_SAMPLES
+# Answers that begin with an echo of the open section's <START>.
+ECHO_SAMPLES = [
+    ("<START>\nSydney is the largest city.", "Sydney is the largest city."),
+    ("\n<start>\n\n<START>\nTwo echoes.", "Two echoes."),
+    ("<START>\n<START>\n<START>\n<START>\n", ""),
+    ("<STA", ""),
+    ("<STAR is not an echo.", "<STAR is not an echo."),
+]
+
+SAMPLES = [
+    *(text for text, _ in RUN_ON_SAMPLES),
+    *LEGITIMATE_SAMPLES,
+    *(text for text, _ in ECHO_SAMPLES),
+]
 
 
 def stream(text: str, cuts: list[int], prefill: str = "") -> str:
@@ -110,13 +135,13 @@ def test_stop_strings_cover_section_starts() -> None:
 
     assert "\n# Query:" in stops
     assert "\n# Answer:" in stops
-    assert START in stops
+    assert f"\n{START}" in stops
 
 
 def test_stop_strings_append_client_stops_in_order() -> None:
     stops = base_stop_strings(["###", END, "Q:", "###", ""])
 
-    assert stops == [END, "\n# Query:", "\n# Answer:", START, "###", "Q:"]
+    assert stops == [END, "\n# Query:", "\n# Answer:", "\n<START>", "###", "Q:"]
 
 
 def test_stop_strings_accept_single_string() -> None:
@@ -144,6 +169,15 @@ def test_trim_keeps_legitimate_text(text: str) -> None:
 
     assert clean == text
     assert not was_cut
+
+
+@pytest.mark.parametrize(("text", "expected"), ECHO_SAMPLES)
+def test_trim_skips_leading_start_echo(text: str, expected: str) -> None:
+    assert trim_answer(text)[0] == expected
+
+
+def test_trim_prefill_keeps_start_as_marker() -> None:
+    assert trim_answer("<START>\nmore", prefill="Sure") == ("", True)
 
 
 def test_trim_strips_surrounding_whitespace() -> None:

@@ -1,0 +1,402 @@
+"""`drpo-gateway optimize`: run DRPO against OpenAI-compatible endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal, NoReturn
+
+import httpx
+import typer
+
+from gateway.errors import ConfigurationError
+from gateway.modes import ModeResolver
+from gateway.settings import InjectionMode, Settings, load_settings
+from gateway.store import DiskPromptStore
+from optimizer.client import Budget, Endpoint, ModelClient
+from optimizer.errors import OptimizerError
+from optimizer.roles import RoleSet
+from optimizer.run import (
+    RunOutcome,
+    RunSettings,
+    projected_calls,
+    publish,
+    run_optimization,
+)
+from optimizer.search import SearchSettings
+from optimizer.seeds import load_queries, load_seed_examples
+from optimizer.types import Query, SeedExample
+
+logger = logging.getLogger(__name__)
+
+Option = typer.Option
+
+
+def optimize(
+    config: Annotated[
+        Path | None,
+        Option(
+            "--config", envvar="DRPO_CONFIG", help="YAML file with gateway settings."
+        ),
+    ] = None,
+    upstream: Annotated[
+        str | None,
+        Option(help="Target server; without it the embedded model is started."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        Option(help="Target model name. Default: the first the target lists."),
+    ] = None,
+    mode: Annotated[
+        InjectionMode | None,
+        Option(help="How the gateway serves the target: auto, chat or base."),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        Option(help="Gateway data directory: prompt store, cache, reports."),
+    ] = None,
+    helpers: Annotated[
+        str | None,
+        Option(
+            help="Base URL of a stronger model for the selector, judge and "
+            "optimizer roles."
+        ),
+    ] = None,
+    helpers_model: Annotated[
+        str | None, Option(help="Model name at --helpers. Default: the first it lists.")
+    ] = None,
+    judge: Annotated[
+        str | None,
+        Option(help="Base URL for the judge role alone (overrides --helpers)."),
+    ] = None,
+    judge_model: Annotated[str | None, Option(help="Model name at --judge.")] = None,
+    seeds: Annotated[
+        Path | None,
+        Option(help="Query file (JSONL or a JSON list). Default: the shipped seeds."),
+    ] = None,
+    seed_answers: Annotated[
+        Path | None, Option(help="Seed (query, answer) pairs for stage 1.")
+    ] = None,
+    max_queries: Annotated[
+        int | None, Option(min=2, help="Use only this many queries, drawn with --seed.")
+    ] = None,
+    strategy: Annotated[
+        str,
+        Option(
+            help="improved (batched, held-out choice) or faithful (one query "
+            "per level)."
+        ),
+    ] = "improved",
+    beam_size: Annotated[int, Option(min=1)] = 2,
+    n_actions: Annotated[int, Option(min=1, help="New prompts per expanded node.")] = 3,
+    depth: Annotated[
+        int, Option(min=0, help="Search levels (20 in the DRPO paper).")
+    ] = 3,
+    max_extra_depth: Annotated[
+        int, Option(min=0, help="Levels the skip rule may add.")
+    ] = 2,
+    batch_size: Annotated[
+        int, Option(min=1, help="Queries per candidate (improved).")
+    ] = 4,
+    heldout_size: Annotated[
+        int, Option(min=1, help="Held-out queries for the final choice.")
+    ] = 6,
+    stage1_rounds: Annotated[
+        int,
+        Option(
+            min=0, help="Rewrite rounds per seed example; 0 keeps the active examples."
+        ),
+    ] = 0,
+    max_examples: Annotated[
+        int, Option(min=1, help="Seed examples refined by stage 1.")
+    ] = 6,
+    seed: Annotated[int, Option(help="Seed of the one random generator.")] = 0,
+    concurrency: Annotated[
+        int, Option(min=1, help="Model calls in flight at once, all roles together.")
+    ] = 4,
+    max_calls: Annotated[
+        int | None, Option(help="Stop before making more upstream calls than this.")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, Option(help="Stop once this many tokens are spent.")
+    ] = None,
+    force: Annotated[
+        bool, Option(help="Start even if the projected calls exceed --max-calls.")
+    ] = False,
+    report: Annotated[
+        Path | None,
+        Option(help="Report JSON path. Default: <data dir>/runs/<time>.json."),
+    ] = None,
+    price_per_million: Annotated[
+        float, Option(help="Price of 1M tokens, for the cost estimate.")
+    ] = 0.0,
+    publish_version: Annotated[
+        bool,
+        Option(
+            "--publish/--no-publish", help="Store the result as a new prompt version."
+        ),
+    ] = False,
+    activate: Annotated[
+        bool, Option(help="Also activate the published version.")
+    ] = False,
+    prompt_model: Annotated[
+        str | None,
+        Option(help="Pointer to start from and activate; default pointer without it."),
+    ] = None,
+) -> None:
+    """Search for a better alignment instruction with DRPO and optionally publish it."""
+    from gateway.logs import configure_logging
+
+    if strategy not in ("improved", "faithful"):
+        _fail(f"--strategy must be improved or faithful, got {strategy!r}.")
+    try:
+        settings = load_settings(
+            config, upstream=upstream, model=model, mode=mode, data_dir=data_dir
+        )
+        search = SearchSettings(
+            strategy=_strategy(strategy), beam_size=beam_size, n_actions=n_actions,
+            depth=depth, max_extra_depth=max_extra_depth, batch_size=batch_size,
+            heldout_size=heldout_size, seed=seed,
+        )  # fmt: skip
+        queries = load_queries(seeds)
+        examples = load_seed_examples(seed_answers)
+    except (ConfigurationError, OptimizerError) as error:
+        _fail(str(error))
+    configure_logging(settings.log_level)
+    if max_queries is not None and max_queries < len(queries):
+        import random
+
+        queries = random.Random(seed).sample(queries, max_queries)
+        search = _fit_to_queries(search, max_queries)
+    plan = _Plan(
+        settings=settings, search=search, queries=queries, examples=examples,
+        helpers=(helpers, helpers_model), judge=(judge, judge_model),
+        stage1_rounds=stage1_rounds, max_examples=max_examples, concurrency=concurrency,
+        budget=Budget(max_calls=max_calls, max_tokens=max_tokens), force=force,
+        report=report or settings.data_dir / "runs" / f"{_stamp()}.json",
+        price=price_per_million, publish=publish_version or activate,
+        activate=activate, prompt_model=prompt_model,
+    )  # fmt: skip
+    try:
+        asyncio.run(plan.run())
+    except KeyboardInterrupt:
+        typer.echo(
+            "Interrupted. Every finished model call is cached: rerun the same "
+            "command to resume without paying for them again.",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    except (ConfigurationError, OptimizerError) as error:
+        _fail(str(error))
+
+
+class _Plan:
+    def __init__(self, **fields: object) -> None:
+        self.__dict__.update(fields)
+
+    settings: Settings
+    search: SearchSettings
+    queries: list[Query]
+    examples: list[SeedExample]
+    helpers: tuple[str | None, str | None]
+    judge: tuple[str | None, str | None]
+    stage1_rounds: int
+    max_examples: int
+    concurrency: int
+    budget: Budget
+    force: bool
+    report: Path
+    price: float
+    publish: bool
+    activate: bool
+    prompt_model: str | None
+
+    async def run(self) -> None:
+        from gateway.cli import upstream_target
+        from gateway.prompting import load_default_instruction
+
+        store = DiskPromptStore(self.settings.store_dir)
+        store.ensure_seeded(load_default_instruction())
+        active_name = store.active_version(self.prompt_model)
+        parent = store.get(active_name) if active_name else None
+        initial = parent.instruction if parent else load_default_instruction()
+
+        async with upstream_target(self.settings) as target:
+            model = self.settings.model or await _first_model(
+                target.base_url, target.api_key
+            )
+            target_endpoint = Endpoint(target.base_url, model, target.api_key)
+            roles = await self._roles(target_endpoint)
+            run_settings = RunSettings(
+                roles=roles,
+                mode=ModeResolver(self.settings, target.default_mode)(model),
+                search=self.search,
+                stage1_rounds=self.stage1_rounds,
+                max_examples=self.max_examples,
+                concurrency=self.concurrency,
+                cache_dir=self.settings.data_dir / "optimizer-cache",
+                budget=self.budget,
+                price_per_million_tokens=self.price,
+            )
+            self._check_projection(run_settings)
+            client = ModelClient(run_settings.cache_dir, self.concurrency, self.budget)
+            try:
+                with _progress(client, self._projected_total(run_settings)):
+                    outcome = await run_optimization(
+                        run_settings, initial, self.queries, self.examples, client
+                    )
+            finally:
+                await client.aclose()
+        self._write_report(outcome)
+        if self.publish:
+            version = publish(
+                store, outcome, parent, self.report, self.prompt_model, self.activate
+            )
+            state = "published and activated" if self.activate else "published"
+            typer.echo(
+                f"Prompt version {version.version} {state} (parent {version.parent})."
+            )
+        store.close()
+
+    async def _roles(self, target: Endpoint) -> RoleSet:
+        roles = RoleSet.single(target)
+        url, model = self.helpers
+        if url:
+            roles = roles.with_helpers(
+                await _endpoint(url, model, "DRPO_HELPERS_API_KEY")
+            )
+        url, model = self.judge
+        if url:
+            from dataclasses import replace
+
+            roles = replace(
+                roles, judge=await _endpoint(url, model, "DRPO_JUDGE_API_KEY")
+            )
+        return roles
+
+    def _projected_total(self, settings: RunSettings) -> int:
+        example_count = (
+            min(self.max_examples, len(self.examples)) if self.stage1_rounds else 0
+        )
+        return sum(projected_calls(settings, len(self.queries), example_count).values())
+
+    def _check_projection(self, settings: RunSettings) -> None:
+        example_count = (
+            min(self.max_examples, len(self.examples)) if self.stage1_rounds else 0
+        )
+        parts = projected_calls(settings, len(self.queries), example_count)
+        total = sum(parts.values())
+        typer.echo(
+            f"Projected model calls: at most {total} (stage 1 {parts['stage1']}, "
+            f"search {parts['search']}, held-out {parts['heldout']}); "
+            "cached calls are free."
+        )
+        limit = self.budget.max_calls
+        if limit is not None and total > limit and not self.force:
+            raise OptimizerError(
+                f"The projected {total} calls exceed --max-calls {limit}. Lower "
+                "--depth, --batch-size or --n-actions, raise --max-calls, or pass "
+                "--force to start anyway (cache hits do not count)."
+            )
+
+    def _write_report(self, outcome: RunOutcome) -> None:
+        self.report.parent.mkdir(parents=True, exist_ok=True)
+        self.report.write_text(outcome.record.to_json())
+        summary = outcome.record.summary()
+        self.report.with_suffix(".txt").write_text(summary)
+        typer.echo(summary)
+        typer.echo(
+            f"Report: {self.report} (summary: {self.report.with_suffix('.txt')})"
+        )
+
+
+async def _endpoint(url: str, model: str | None, key_variable: str) -> Endpoint:
+    import os
+
+    key = os.environ.get(key_variable) or None
+    url = url.rstrip("/")
+    return Endpoint(url, model or await _first_model(url, key), key)
+
+
+async def _first_model(base_url: str, api_key: str | None) -> str:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(base_url + "/models", headers=headers)
+            response.raise_for_status()
+            return str(response.json()["data"][0]["id"])
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
+        raise OptimizerError(
+            f"Could not read the model list of {base_url}: {error}. Pass the model "
+            "name with --model (or --helpers-model / --judge-model)."
+        ) from None
+
+
+@contextlib.contextmanager
+def _progress(client: ModelClient, projected: int) -> Iterator[None]:
+    """Show calls against the projection: a rich bar on a terminal, else log lines."""
+    task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+        _report_progress(client, projected, sys.stderr.isatty())
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+async def _report_progress(
+    client: ModelClient, projected: int, interactive: bool
+) -> None:
+    def counts() -> tuple[int, int]:
+        usage = client.usage.values()
+        return sum(u.calls for u in usage), sum(u.cache_hits for u in usage)
+
+    if interactive:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as progress:
+            bar = progress.add_task("model calls", total=projected)
+            while True:
+                calls, hits = counts()
+                progress.update(
+                    bar,
+                    completed=calls + hits,
+                    description=f"calls {calls}, cache hits {hits}",
+                )
+                await asyncio.sleep(0.5)
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(10)
+        calls, hits = counts()
+        logger.info(
+            "Progress: %d calls, %d cache hits of at most %d, %.0f s",
+            calls, hits, projected, time.monotonic() - started,
+        )  # fmt: skip
+
+
+def _fit_to_queries(search: SearchSettings, count: int) -> SearchSettings:
+    from dataclasses import replace
+
+    heldout = max(1, min(search.heldout_size, count // 3))
+    return replace(
+        search, heldout_size=heldout, batch_size=min(search.batch_size, count - heldout)
+    )
+
+
+def _strategy(value: str) -> Literal["improved", "faithful"]:
+    return "faithful" if value == "faithful" else "improved"
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(1)
