@@ -126,6 +126,14 @@ def optimize(
     max_tokens: Annotated[
         int | None, Option(help="Stop once this many tokens are spent.")
     ] = None,
+    helper_max_tokens: Annotated[
+        int | None,
+        Option(
+            min=16,
+            help="Cap on the output tokens of selector, judge and optimizer calls "
+            "(defaults 512, 1024 and 2048). Lower it for a small, slow model.",
+        ),
+    ] = None,
     force: Annotated[
         bool, Option(help="Start even if the projected calls exceed --max-calls.")
     ] = False,
@@ -179,6 +187,7 @@ def optimize(
         helpers=(helpers, helpers_model), judge=(judge, judge_model),
         stage1_rounds=stage1_rounds, max_examples=max_examples, concurrency=concurrency,
         budget=Budget(max_calls=max_calls, max_tokens=max_tokens), force=force,
+        helper_max_tokens=helper_max_tokens,
         report=report or settings.data_dir / "runs" / f"{_stamp()}.json",
         price=price_per_million, publish=publish_version or activate,
         activate=activate, prompt_model=prompt_model,
@@ -210,6 +219,7 @@ class _Plan:
     max_examples: int
     concurrency: int
     budget: Budget
+    helper_max_tokens: int | None
     force: bool
     report: Path
     price: float
@@ -242,6 +252,7 @@ class _Plan:
                 concurrency=self.concurrency,
                 cache_dir=self.settings.data_dir / "optimizer-cache",
                 budget=self.budget,
+                helper_max_tokens=self.helper_max_tokens,
                 price_per_million_tokens=self.price,
             )
             self._check_projection(run_settings)

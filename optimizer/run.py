@@ -45,6 +45,8 @@ class RunSettings:
     cache_dir: Path | None = None
     budget: Budget = field(default_factory=Budget)
     target_max_tokens: int = 256
+    helper_max_tokens: int | None = None
+    """Cap on the output tokens of the selector, judge and optimizer calls."""
     price_per_million_tokens: float = 0.0
 
 
@@ -110,10 +112,16 @@ async def run_optimization(
             PromptBuilder(),
             max_tokens=settings.target_max_tokens,
         ),
-        LLMAspectSelector(client, roles.selector),
-        LLMJudge(client, roles.judge),
+        LLMAspectSelector(
+            client, roles.selector, max_tokens=_capped(512, settings.helper_max_tokens)
+        ),
+        LLMJudge(
+            client, roles.judge, max_tokens=_capped(1024, settings.helper_max_tokens)
+        ),
     )
-    proposer = LLMProposer(client, roles.optimizer)
+    proposer = LLMProposer(
+        client, roles.optimizer, max_tokens=_capped(2048, settings.helper_max_tokens)
+    )
 
     stage1: list[ExampleResult] = []
     examples: tuple[Example, ...] = initial.examples
@@ -188,6 +196,10 @@ def publish(
     if activate:
         store.activate(version.version, activate_for)
     return version
+
+
+def _capped(default: int, cap: int | None) -> int:
+    return default if cap is None else min(default, cap)
 
 
 def _initial_heldout_reward(record: RunRecord) -> float | None:

@@ -33,14 +33,15 @@ def test_tiny_run_publishes_served_version(tmp_path: Path) -> None:
         "optimize", "--data-dir", str(tmp_path), "--max-queries", "4",
         "--depth", "1", "--max-extra-depth", "0", "--beam-size", "1",
         "--n-actions", "1", "--batch-size", "1", "--heldout-size", "1",
-        "--report", str(report), "--publish", "--activate",
+        "--helper-max-tokens", "256", "--report", str(report),
+        "--publish", "--activate",
         timeout=1500,
     )  # fmt: skip
 
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Prompt version v2 published and activated" in run.stdout
     record = json.loads(report.read_text())
-    assert record["search"]["final"]["system_prompt"]
+    assert record["final"]["system_prompt"]
     assert report.with_suffix(".txt").read_text().strip()
     listed = _drpo("prompts", "list", "--json", "--data-dir", str(tmp_path), timeout=60)
     versions = {item["version"]: item for item in json.loads(listed.stdout)}
