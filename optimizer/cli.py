@@ -17,7 +17,7 @@ import typer
 
 from gateway.errors import ConfigurationError
 from gateway.modes import ModeResolver
-from gateway.settings import InjectionMode, Settings, load_settings
+from gateway.settings import Engine, InjectionMode, Settings, load_settings
 from gateway.store import DiskPromptStore
 from optimizer.client import Budget, Endpoint, ModelClient
 from optimizer.errors import OptimizerError
@@ -241,7 +241,12 @@ class _Plan:
             model = self.settings.model or await _first_model(
                 target.base_url, target.api_key
             )
-            target_endpoint = Endpoint(target.base_url, model, target.api_key)
+            target_endpoint = Endpoint(
+                target.base_url,
+                model,
+                target.api_key,
+                cache_name=_cache_name(self.settings, model),
+            )
             roles = await self._roles(target_endpoint)
             run_settings = RunSettings(
                 roles=roles,
@@ -325,6 +330,14 @@ class _Plan:
         typer.echo(
             f"Report: {self.report} (summary: {self.report.with_suffix('.txt')})"
         )
+
+
+def _cache_name(settings: Settings, model: str) -> str | None:
+    """Name the embedded engine in cache keys, because its port changes every run."""
+    if settings.engine is not Engine.EMBEDDED:
+        return None
+    path = settings.embedded_model_path
+    return f"embedded:{path.name if path else 'gemma3-270m-q4-k-m'}:{model}"
 
 
 async def _endpoint(url: str, model: str | None, key_variable: str) -> Endpoint:

@@ -154,19 +154,26 @@ def describe_problem(problem: str, response: Mapping[str, Any], max_tokens: int)
 def retry_messages(
     messages: list[dict[str, Any]], reply: str | None, problem: str
 ) -> list[dict[str, Any]]:
-    """Return `messages` followed by the unusable `reply` and a request to fix it.
+    """Return `messages` extended with a request to fix the unusable `reply`.
 
-    Each retry extends the conversation, so its request (and its cache key)
-    differs from every earlier try even when decoding is greedy.
+    With reply text, the reply and a new user message follow. Without it, the
+    request is appended to the last user message instead, because some chat
+    templates (Gemma's, for one) reject two user messages in a row. Either way
+    the retry's request (and its cache key) differs from every earlier try,
+    even under greedy decoding.
     """
-    extended = list(messages)
-    if reply:
-        extended.append({"role": "assistant", "content": reply})
-    extended.append(
-        {
-            "role": "user",
-            "content": f"That reply could not be used: {problem}. Reply again "
-            "with only the JSON object, in exactly the requested form.",
-        }
+    nudge = (
+        f"That reply could not be used: {problem}. Reply again with only the "
+        "JSON object, in exactly the requested form."
     )
+    if reply:
+        return [
+            *messages,
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": nudge},
+        ]
+
+    extended = list(messages)
+    last = extended[-1]
+    extended[-1] = {**last, "content": f"{last['content']}\n\n{nudge}"}
     return extended

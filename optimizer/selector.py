@@ -87,7 +87,7 @@ class LLMAspectSelector:
     An unusable reply is retried up to `retries` more times. When every try
     fails, the selection is a default set with `failed=True`. Selections are
     kept per query id in `cache` (a plain dict unless one is given), so each
-    query costs one selection per run; the client's disk cache covers reruns.
+    query costs one selection per run. The client's disk cache covers reruns.
     """
 
     def __init__(
@@ -146,7 +146,15 @@ class LLMAspectSelector:
             messages = retry_messages(messages, reply, problem)
 
         self.failures += 1
-        return default_selection(query)
+        selection = default_selection(query)
+        logger.warning(
+            "Selector gave no usable selection for query %s in %d tries; "
+            "using the default aspects %s",
+            query.id,
+            self.retries + 1,
+            ", ".join(selection.aspects),
+        )
+        return selection
 
     def _body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         return {

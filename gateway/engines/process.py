@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ctypes
 import logging
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ LOOPBACK_HOST = "127.0.0.1"
 # Signals of a binary that uses CPU instructions the machine does not allow.
 CRASH_SIGNALS = frozenset({signal.SIGILL, signal.SIGSEGV})
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _LOG_TAIL_LINES = 20
 _LOG_TAIL_BYTES = 64 * 1024
 _HEALTH_REQUEST_TIMEOUT = 2.0
@@ -221,6 +224,7 @@ class ManagedServer:
                     stderr=subprocess.STDOUT,
                     env=self.environment,
                     start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
         except OSError as error:
             raise EngineError(
@@ -286,6 +290,18 @@ class ManagedServer:
         while _group_is_running(process) and time.monotonic() < deadline:
             time.sleep(_GROUP_POLL_INTERVAL)
         _signal_group(process.pid, signal.SIGKILL)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send the child SIGTERM when the gateway process dies.
+
+    The gateway stops its engine on a normal exit, but a SIGKILL or an
+    unhandled SIGTERM skips that, and the engine would keep running.
+    """
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def read_log_tail(path: Path, count: int) -> list[str]:

@@ -261,6 +261,12 @@ async def test_error_body_counted_as_failure(fake: FakeModels, judge: LLMJudge) 
 
     judgement = await judge.judge(QUERY, ANSWER, SELECTION)
 
+    first, second = (call.body["messages"] for call in fake.calls_for("judge"))
+    # Without reply text the retry extends the last user message, so the
+    # roles still alternate.
+    assert [message["role"] for message in second] == ["system", "user"]
+    assert second[-1]["content"].startswith(first[-1]["content"])
+    assert "could not be used" in second[-1]["content"]
     assert judgement.reward == 4.0
     assert judgement.parse_failures == 1
 
