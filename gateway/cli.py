@@ -101,7 +101,7 @@ def serve(
 
 
 async def run_gateway(settings: Settings) -> None:
-    """Serve the gateway until uvicorn is told to stop."""
+    """Serve the gateway until uvicorn receives a shutdown signal."""
     import uvicorn
 
     from gateway.app import create_app

@@ -22,11 +22,11 @@ NO_PROMPT = "none"
 
 
 class ModelLabels:
-    """Folds model names into a bounded set of label values.
+    """Mapping of model names onto a bounded set of label values.
 
-    Names configured or listed by the upstream at start-up keep their own value
-    up to `limit`; every other name becomes "other", so a client sending random
-    model names cannot grow the number of time series.
+    Names configured or listed by the upstream at start-up keep their own value,
+    up to `limit` of them. Every other name becomes "other", so a client sending
+    random model names cannot grow the number of time series.
     """
 
     def __init__(self, known: Iterable[str] = (), limit: int = 32) -> None:

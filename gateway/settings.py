@@ -23,7 +23,7 @@ from gateway.errors import ConfigurationError
 
 
 class Engine(StrEnum):
-    """Where the model server comes from."""
+    """Source of the model server: an upstream URL or a managed engine."""
 
     UPSTREAM = "upstream"
     EMBEDDED = "embedded"
@@ -31,7 +31,7 @@ class Engine(StrEnum):
 
 
 class InjectionMode(StrEnum):
-    """How the alignment instruction reaches the model."""
+    """Form in which the alignment instruction reaches the model."""
 
     AUTO = "auto"
     CHAT = "chat"
@@ -39,7 +39,7 @@ class InjectionMode(StrEnum):
 
 
 class SystemMessagePolicy(StrEnum):
-    """What happens to a system or developer message sent by the client."""
+    """Rule for merging a client's system or developer message with ours."""
 
     APPEND = "append"
     PREPEND = "prepend"
@@ -48,7 +48,7 @@ class SystemMessagePolicy(StrEnum):
 
 
 class ExampleSelection(StrEnum):
-    """How in-context examples are chosen for a request."""
+    """Method that chooses the in-context examples of a request."""
 
     STATIC = "static"
     BM25 = "bm25"

@@ -46,7 +46,7 @@ DROPPED_RESPONSE_HEADERS = frozenset(
 
 @dataclass(frozen=True)
 class UpstreamTarget:
-    """Where requests go, and what the gateway knows about the server there."""
+    """The upstream server: its URL, key, default injection mode and health URL."""
 
     base_url: str
     api_key: str | None = None

@@ -32,7 +32,7 @@ OPTIMIZER_SOURCE = "optimizer"
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What one run optimizes, with which models, and how far it may go."""
+    """Settings of one run: roles, mode, search shape, stage 1 and budget."""
 
     roles: RoleSet
     mode: InjectionMode
@@ -66,8 +66,8 @@ def choose_seed_examples(seeds: Sequence[SeedExample], count: int) -> list[SeedE
     """
     safety = [seed for seed in seeds if seed.query.kind is QueryKind.SAFETY]
     others = [seed for seed in seeds if seed.query.kind is not QueryKind.SAFETY]
-    wanted_safety = min(len(safety), max(1, count // 3)) if count > 1 else 0
-    chosen = others[: count - wanted_safety] + safety[:wanted_safety]
+    safety_count = min(len(safety), max(1, count // 3)) if count > 1 else 0
+    chosen = others[: count - safety_count] + safety[:safety_count]
     return chosen[:count]
 
 
