@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway import __version__
-from gateway.routes import router
+from gateway.routes import routes
 from gateway.settings import Settings
 from gateway.state import GatewayState
 from gateway.store import PromptStore
@@ -43,7 +43,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.include_router(router)
+    app.router.routes.extend(routes)
     app.add_exception_handler(HTTPException, _http_exception)
     return app
 

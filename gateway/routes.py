@@ -1,14 +1,18 @@
-"""Thin routers: adapt HTTP to the service layer and back."""
+"""Thin routers: adapt HTTP to the service layer and back.
+
+The routes are plain Starlette routes: they read no typed parameters, so
+FastAPI's dependency resolution would only add time to every request.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from gateway.errors import GatewayError
 from gateway.http import (
@@ -27,8 +31,6 @@ from gateway.service.passthrough import forward
 from gateway.state import GatewayState
 
 logger = logging.getLogger(__name__)
-
-router = APIRouter()
 
 Handler = Callable[
     [GatewayState, bytes, RequestContext], Awaitable[Reply | StreamReply]
@@ -77,7 +79,6 @@ async def handle(request: Request, route: str, handler: Handler) -> Response:
     return response
 
 
-@router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     return await handle(
         request,
@@ -86,7 +87,6 @@ async def chat_completions(request: Request) -> Response:
     )
 
 
-@router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     return await handle(
         request,
@@ -95,8 +95,8 @@ async def completions(request: Request) -> Response:
     )
 
 
-@router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-async def passthrough(request: Request, path: str) -> Response:
+async def passthrough(request: Request) -> Response:
+    path: str = request.path_params["path"]
     route = "models" if path == "models" else "passthrough"
     return await handle(
         request,
@@ -113,12 +113,10 @@ async def passthrough(request: Request, path: str) -> Response:
     )
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
 async def ready(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     upstream_ready = await state.parts.upstream.is_ready()
@@ -133,10 +131,23 @@ async def ready(request: Request) -> Response:
     return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
 
-@router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     state.parts.metrics.store_generation.set(state.parts.prompts.generation)
     return Response(
         generate_latest(state.parts.metrics.registry), media_type=CONTENT_TYPE_LATEST
     )
+
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route(
+        "/v1/{path:path}",
+        passthrough,
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+    ),
+    Route("/health", health, methods=["GET"]),
+    Route("/ready", ready, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]
