@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -91,6 +92,7 @@ def serve(
         log_level=log_level,
     )
     configure_logging(settings.log_level)
+    stop_on_sigterm()
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(run_gateway(settings))
@@ -123,7 +125,12 @@ async def run_gateway(settings: Settings) -> None:
 @contextlib.asynccontextmanager
 async def upstream_target(settings: Settings) -> AsyncIterator[UpstreamTarget]:
     """Yield where the gateway sends requests, running a managed engine meanwhile."""
-    from gateway.engines import embedded_model_info, embedded_server, vllm_server
+    from gateway.engines import (
+        DEFAULT_ALIAS,
+        embedded_model_info,
+        embedded_server,
+        vllm_server,
+    )
     from gateway.engines.embedded import resolve_model_path
 
     if settings.engine is Engine.UPSTREAM:
@@ -131,6 +138,7 @@ async def upstream_target(settings: Settings) -> AsyncIterator[UpstreamTarget]:
         key = settings.upstream_api_key
         yield UpstreamTarget(settings.upstream, key.get_secret_value() if key else None)
         return
+    served_name = settings.model or DEFAULT_ALIAS
     if settings.engine is Engine.EMBEDDED:
         model_path = resolve_model_path(settings)
         info = embedded_model_info(model_path)
@@ -152,7 +160,22 @@ async def upstream_target(settings: Settings) -> AsyncIterator[UpstreamTarget]:
             None,
             default_mode=mode,
             health_url=server.base_url.removesuffix("/v1") + "/health",
+            served_models=(served_name,),
         )
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop the process like Ctrl-C, so managed engines are stopped.
+
+    uvicorn handles SIGTERM itself while it serves, then raises the signal
+    again once it has shut down; without this handler that second signal
+    would end the process before the engine is stopped.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

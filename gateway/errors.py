@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -69,7 +70,11 @@ class UpstreamTimeoutError(UpstreamError):
 
 
 class UpstreamStatusError(GatewayError):
-    """The upstream answered with a 4xx status; its body is passed on unchanged."""
+    """The upstream rejected a request with a 4xx status.
+
+    The client gets the same status, and the upstream's message in the OpenAI
+    error shape.
+    """
 
     error_type = "invalid_request_error"
 
@@ -78,6 +83,44 @@ class UpstreamStatusError(GatewayError):
         self.status_code = status_code
         self.body = body
         self.content_type = content_type
+
+    def to_body(self) -> dict[str, Any]:
+        """Return the upstream's error in the OpenAI shape, whatever shape it had."""
+        detail: Any = None
+        try:
+            detail = json.loads(self.body)
+        except ValueError:
+            pass
+        error = detail.get("error") if isinstance(detail, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return _error_body(
+                error["message"],
+                error.get("type") if isinstance(error.get("type"), str) else None,
+                error.get("param") if isinstance(error.get("param"), str) else None,
+                error.get("code"),
+                self.status_code,
+            )
+        text = self.body[:500].decode("utf-8", "replace").strip()
+        if isinstance(error, str):
+            text = error
+        elif isinstance(detail, dict) and isinstance(detail.get("message"), str):
+            text = detail["message"]
+        message = f"The upstream returned HTTP {self.status_code}: {text or 'no body'}"
+        return _error_body(message, None, None, None, self.status_code)
+
+
+def _error_body(
+    message: str, kind: str | None, param: str | None, code: object, status: int
+) -> dict[str, Any]:
+    default_type = "not_found_error" if status == 404 else "invalid_request_error"
+    return {
+        "error": {
+            "message": message,
+            "type": kind or default_type,
+            "param": param,
+            "code": None if code is None else str(code),
+        }
+    }
 
 
 class PromptVersionNotFoundError(NotFoundError):

@@ -19,7 +19,6 @@ from gateway.errors import (
     AuthenticationError,
     GatewayError,
     PayloadTooLargeError,
-    UpstreamStatusError,
 )
 from gateway.service.context import Reply, StreamReply
 from gateway.settings import Settings
@@ -120,10 +119,6 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 def error_response(error: GatewayError) -> Response:
     """Turn a gateway error into its HTTP response."""
-    if isinstance(error, UpstreamStatusError):
-        return Response(
-            error.body, status_code=error.status_code, media_type=error.content_type
-        )
     return JSONResponse(error.to_body(), status_code=error.status_code)
 
 

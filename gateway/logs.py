@@ -11,7 +11,8 @@ SECRET_PATTERNS = (
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+"),
     re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
     re.compile(
-        r"(?i)((?:api[_-]?key|authorization|token|secret|password)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"
+        r"(?i)((?:api[_-]?key|authorization|token|secret|password)[\"']?\s*[:=]\s*"
+        r"[\"']?)(?!bearer\b|basic\b)[^\s\"',}]+"
     ),
 )
 REDACTED = "[REDACTED]"

@@ -28,6 +28,7 @@ from gateway.http import (
 )
 from gateway.service.context import Reply, RequestContext, StreamReply
 from gateway.service.passthrough import forward
+from gateway.service.streams import CLIENT_CLOSED_REQUEST
 from gateway.state import GatewayState
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,6 @@ Handler = Callable[
     [GatewayState, bytes, RequestContext], Awaitable[Reply | StreamReply]
 ]
 
-# Status logged for a client that left before its response was ready; nginx's
-# convention, never sent on the wire.
-CLIENT_CLOSED_REQUEST = 499
 
 
 async def handle(request: Request, route: str, handler: Handler) -> Response:

@@ -7,15 +7,18 @@ variables with the ``DRPO_`` prefix, a YAML file (``--config`` or
 
 from __future__ import annotations
 
+import logging
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     YamlConfigSettingsSource,
 )
 
@@ -72,7 +75,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the gateway binds to.")
     port: int = Field(8000, ge=0, le=65535, description="Port the gateway binds to.")
     workers: int = Field(1, ge=1, description="Number of uvicorn worker processes.")
-    log_level: str = Field("info", description="Python logging level.")
+    log_level: str = Field(
+        "info", description="Python logging level: debug, info, warning or error."
+    )
 
     engine: Engine | None = Field(
         None,
@@ -147,6 +152,13 @@ class Settings(BaseSettings):
         32, ge=1, description="Model label values before names fold into 'other'."
     )
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"must be debug, info, warning or error, got {value!r}")
+        return value
+
     @field_validator("upstream")
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
@@ -209,16 +221,35 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         return Settings(**overrides)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{_setting_name(item['loc'])}: {item['msg']}" for item in error.errors()
-        )
+        problems = "; ".join(_describe_problem(item) for item in error.errors())
         raise ConfigurationError(f"Invalid settings: {problems}") from None
+    except SettingsError as error:
+        # Raised for an environment value that is not valid JSON for a list
+        # or mapping setting; the message names the field, never the value.
+        raise ConfigurationError(
+            f"Invalid settings: {error}. List and mapping settings take JSON, "
+            """as in DRPO_API_KEYS='["key-1"]'."""
+        ) from None
+    except yaml.YAMLError as error:
+        raise ConfigurationError(
+            f"Config file {str(config_file)!r} is not valid YAML: {error}"
+        ) from None
     finally:
         _CONFIG_FILE.pop("path", None)
+
+
+def _describe_problem(item: Any) -> str:
+    location = item["loc"]
+    if item["type"] == "extra_forbidden" and location:
+        return (
+            f"unknown setting {str(location[0])!r} (YAML keys are the lower-case "
+            "names of the README's settings table, such as 'port')"
+        )
+    return f"{_setting_name(location)}: {item['msg']}"
 
 
 def _setting_name(location: tuple[Any, ...]) -> str:
     if not location:
         return "settings"
     name = "__".join(str(part) for part in location)
-    return f"DRPO_{name.upper()} (--{str(location[0]).replace('_', '-')})"
+    return f"DRPO_{name.upper()} ({location[0]!s} in YAML)"

@@ -52,6 +52,8 @@ class UpstreamTarget:
     api_key: str | None = None
     default_mode: InjectionMode = InjectionMode.CHAT
     health_url: str | None = None
+    served_models: tuple[str, ...] = ()
+    """Model names a managed engine serves; empty lets every name through."""
 
 
 class UpstreamClient:
@@ -206,10 +208,15 @@ def upstream_errors(base_url: str) -> Iterator[None]:
 
 
 def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """Return the client headers that may travel on to the upstream."""
+    """Return the client headers that may travel on to the upstream.
+
+    Headers whose value is not ASCII are left out: HTTP gives them no
+    portable meaning, and httpx cannot encode them.
+    """
     return {
         name: value
         for name, value in headers.items()
         if name.lower() not in DROPPED_REQUEST_HEADERS
         and not name.lower().startswith("x-drpo-")
+        and value.isascii()
     }

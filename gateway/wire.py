@@ -10,7 +10,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 from gateway.errors import InvalidRequestError
 
@@ -39,16 +46,31 @@ class ChatMessage(_Permissive):
     content: list[ContentPart] | str | None = None
 
 
+# The largest token count llama.cpp and vLLM accept (a signed 32-bit int).
+MAX_TOKEN_COUNT = 2**31 - 1
+
+
 class StreamOptions(_Permissive):
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
+
+
+class ResponseFormat(_Permissive):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema" and not self.json_schema:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
 
 
 class _SamplingFields(_Permissive):
     model: str = Field(min_length=1)
-    stream: bool | None = None
+    stream: StrictBool | None = None
     n: int | None = Field(None, ge=1, le=128)
     stop: str | list[str] | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_COUNT)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     stream_options: StreamOptions | None = None
@@ -57,11 +79,11 @@ class _SamplingFields(_Permissive):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKEN_COUNT)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    logprobs: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: StrictBool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 

@@ -159,6 +159,7 @@ def optimize(
     ] = None,
 ) -> None:
     """Search for a better alignment instruction with DRPO and optionally publish it."""
+    from gateway.cli import stop_on_sigterm
     from gateway.logs import configure_logging
 
     if strategy not in ("improved", "faithful"):
@@ -177,6 +178,7 @@ def optimize(
     except (ConfigurationError, OptimizerError) as error:
         _fail(str(error))
     configure_logging(settings.log_level)
+    stop_on_sigterm()
     if max_queries is not None and max_queries < len(queries):
         import random
 

@@ -42,6 +42,7 @@ class ChatCompletions:
         request: ChatCompletionRequest = validate(ChatCompletionRequest, body)
         parts = self._parts
         ctx.model = parts.model_labels(request.model)
+        parts.check_model(request.model)
         version = parts.resolve_prompt(request.model, headers)
         ctx.prompt_version = version_label(version)
         examples = await self._examples(version, body["messages"])

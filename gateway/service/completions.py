@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import InvalidRequestError
+from gateway.metrics import NO_PROMPT
 from gateway.prompting import base_stop_strings, trim_answer
 from gateway.service.base_mode import completion_choices
 from gateway.service.chat import decode_response
@@ -33,9 +34,10 @@ class Completions:
         request: CompletionRequest = validate(CompletionRequest, body)
         parts = self._parts
         ctx.model = parts.model_labels(request.model)
+        parts.check_model(request.model)
         wrapped = parts.settings.wrap_completions
         version = parts.resolve_prompt(request.model, headers) if wrapped else None
-        ctx.prompt_version = version_label(version)
+        ctx.prompt_version = version_label(version) if wrapped else NO_PROMPT
         if version is not None:
             body = self._wrap(body, request, version.instruction)
             counter = parts.metrics.injected_tokens.labels(model=ctx.model)

@@ -6,9 +6,14 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.errors import GatewayError, UpstreamError, UpstreamStatusError
+from gateway.errors import (
+    GatewayError,
+    NotFoundError,
+    UpstreamError,
+    UpstreamStatusError,
+)
 from gateway.instruction import Example, Instruction, PromptVersion
-from gateway.metrics import NO_PROMPT, GatewayMetrics, ModelLabels
+from gateway.metrics import GatewayMetrics, ModelLabels
 from gateway.modes import ModeResolver
 from gateway.prompting import ExampleRetriever, PromptBuilder
 from gateway.service.context import RequestContext
@@ -36,6 +41,21 @@ class Components:
     model_labels: ModelLabels
     injected_tokens: InjectedTokenCounter
     retriever: ExampleRetriever | None = None
+
+    def check_model(self, model: str) -> None:
+        """Raise NotFoundError for a model that the managed engine does not serve.
+
+        A managed engine serves one model, and llama-server would answer any
+        name with it; vLLM rejects unknown names the same way.
+        """
+        served = self.upstream.target.served_models
+        if served and model not in served:
+            raise NotFoundError(
+                f"The model {model!r} does not exist; this gateway serves "
+                f"{', '.join(repr(name) for name in served)}.",
+                param="model",
+                code="model_not_found",
+            )
 
     def resolve_prompt(
         self, model: str, headers: Mapping[str, str]
@@ -85,7 +105,8 @@ class Components:
 
 
 def version_label(version: PromptVersion | None) -> str:
-    return version.version if version is not None else NO_PROMPT
+    """Return the metrics label of the version a request used, "off" for none."""
+    return version.version if version is not None else PROMPT_OFF
 
 
 def version_header(version: PromptVersion | None) -> dict[str, str]:

@@ -7,7 +7,12 @@ from collections.abc import AsyncIterator, Mapping
 
 from gateway.service.components import Components
 from gateway.service.context import RequestContext, StreamReply
-from gateway.upstream import DROPPED_RESPONSE_HEADERS, forwarded_headers
+from gateway.upstream import (
+    DROPPED_RESPONSE_HEADERS,
+    check_status,
+    forwarded_headers,
+    upstream_errors,
+)
 
 
 async def forward(
@@ -32,6 +37,12 @@ async def forward(
                 params=query,
             )
         )
+        if response.status_code >= 400:
+            # Error bodies are small; reading one lets the client get the
+            # upstream's message in the OpenAI error shape.
+            with upstream_errors(parts.upstream.target.base_url):
+                error_body = await response.aread()
+            check_status(response, error_body)
     except BaseException:
         await stack.aclose()
         raise

@@ -18,6 +18,10 @@ from gateway.upstream import UpstreamClient, check_status, upstream_errors
 
 logger = logging.getLogger(__name__)
 
+# Status recorded for a client that left before its response ended; nginx's
+# convention, never sent on the wire.
+CLIENT_CLOSED_REQUEST = 499
+
 
 class OpenStream:
     """An upstream response whose status was 2xx, with its body still unread."""
@@ -95,6 +99,7 @@ async def pump(
     """
     splitter = EventSplitter()
     chunks = stream.response.aiter_bytes().__aiter__()
+    finished = False
     try:
         while not relay.done:
             chunk = await _next_chunk(chunks, deadline, stream.response)
@@ -110,13 +115,18 @@ async def pump(
         ctx.mark_upstream_end()
         for output in await relay.on_end():
             yield output
+        finished = True
     except GatewayError as error:
         ctx.mark_upstream_end()
         ctx.status = error.status_code
         on_error(error)
         logger.warning("Upstream stream failed: %s", error.message)
+        finished = True
         yield encode_event(error.to_body())
     finally:
+        if not finished:
+            # The client went away (or the server is stopping) mid-stream.
+            ctx.status = CLIENT_CLOSED_REQUEST
         await stream.aclose()
 
 
