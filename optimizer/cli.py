@@ -270,6 +270,7 @@ class _Plan:
                         run_settings, initial, self.queries, self.examples, client
                     )
             finally:
+                await _cancel_other_tasks()
                 await client.aclose()
         self._write_report(outcome)
         if self.publish:
@@ -332,6 +333,19 @@ class _Plan:
         typer.echo(
             f"Report: {self.report} (summary: {self.report.with_suffix('.txt')})"
         )
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancel the run's remaining calls, so none is sent on a closed client.
+
+    On Ctrl-C the run's own task is cancelled first, while concurrent calls
+    it started are still pending.
+    """
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 def _cache_name(settings: Settings, model: str) -> str | None:
