@@ -38,7 +38,6 @@ Handler = Callable[
 ]
 
 
-
 async def handle(request: Request, route: str, handler: Handler) -> Response:
     """Run one API request: key check, body, service call, error mapping, metrics."""
     state: GatewayState = request.app.state.gateway
