@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -94,6 +95,7 @@ def serve(
     configure_logging(settings.log_level)
     stop_on_sigterm()
     try:
+        check_port_free(settings.host, settings.port)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(run_gateway(settings))
     except ConfigurationError as error:
@@ -162,6 +164,21 @@ async def upstream_target(settings: Settings) -> AsyncIterator[UpstreamTarget]:
             health_url=server.base_url.removesuffix("/v1") + "/health",
             served_models=(served_name,),
         )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigurationError when `host:port` is taken, before any engine starts."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigurationError(
+                f"Cannot listen on {host}:{port}: {error.strerror}. Stop the other "
+                "server or pass another --port."
+            ) from None
 
 
 def stop_on_sigterm() -> None:

@@ -205,7 +205,7 @@ def import_command(
         return
     for record in created:
         origin = record.metadata.get("imported_from")
-        suffix = f" from {origin}" if origin else ""
+        suffix = f" (imported from {origin})" if origin else ""
         typer.echo(f"Created {record.version}{suffix}.")
     if activate:
         previous = pointers.get(DEFAULT_MODEL_KEY if model is None else model)
@@ -237,7 +237,8 @@ def export_command(
             typer.echo(text)
             return
         _write_text(output, text + "\n")
-    typer.echo(f"Wrote {len(records)} versions to {output}.")
+    noun = "version" if len(records) == 1 else "versions"
+    typer.echo(f"Wrote {len(records)} {noun} to {output}.")
 
 
 def read_prompt_file(path: Path) -> list[InstructionFile | PromptVersion]:

@@ -93,7 +93,9 @@ def optimize(
             "per level)."
         ),
     ] = "improved",
-    beam_size: Annotated[int, Option(min=1)] = 2,
+    beam_size: Annotated[
+        int, Option(min=1, help="Candidates kept per search level.")
+    ] = 2,
     n_actions: Annotated[int, Option(min=1, help="New prompts per expanded node.")] = 3,
     depth: Annotated[
         int, Option(min=0, help="Search levels (20 in the DRPO paper).")

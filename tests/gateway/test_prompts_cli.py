@@ -424,7 +424,7 @@ def test_export_import_round_trip(
 
     assert exported.exit_code == 0, exported.output
     assert imported.exit_code == 0, imported.output
-    assert imported.stdout == "Created v3 from v2.\nCreated v4 from v3.\n"
+    assert imported.stdout == "Created v3 (imported from v2).\nCreated v4 (imported from v3).\n"
     with DiskPromptStore(other_dir / "prompts") as other:
         child, unrelated = other.get("v3"), other.get("v4")
     assert child.instruction == store.get("v2").instruction
@@ -463,7 +463,7 @@ def test_import_reads_show_output(
     result = invoke(runner, data_dir, "import", str(path))
 
     assert result.exit_code == 0, result.output
-    assert result.stdout == "Created v2 from v1.\n"
+    assert result.stdout == "Created v2 (imported from v1).\n"
     assert store.get("v2").instruction == store.get("v1").instruction
 
 
