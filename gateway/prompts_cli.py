@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from gateway.errors import ConfigurationError, GatewayError
 from gateway.instruction import Example, Instruction, PromptVersion
 from gateway.settings import load_settings
-from gateway.store import DEFAULT_MODEL_KEY, DiskPromptStore
+from gateway.store import DEFAULT_MODEL_KEY, ActivationEvent, DiskPromptStore
 
 prompts_app = typer.Typer(
-    help="List, show, activate, import and export prompt versions.",
+    help="List, show, activate, roll back, import and export prompt versions.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -160,6 +160,47 @@ def activate_command(
         )
         return
     typer.echo(_describe_activation(version, model, previous, pointers))
+
+
+@prompts_app.command("rollback")
+def rollback_command(
+    to: Annotated[
+        str | None,
+        typer.Option(help="Version to restore. Default: the one active before."),
+    ] = None,
+    model: ModelOption = None,
+    json_output: JsonOption = False,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Restore the version that was active before the current one, or --to VERSION.
+
+    Like `kubectl rollout undo`, a second rollback returns to the version the
+    first one replaced. Running gateways serve the restored version within a
+    second.
+    """
+    with _report_errors(), _open_store(data_dir, config) as store:
+        pointers = store.active_pointers()
+        current = pointers.get(DEFAULT_MODEL_KEY if model is None else model)
+        target = to or _previous_version(store.history(model), current, model)
+        store.activate(target, model)
+
+    if json_output:
+        _echo_json({"model": model, "version": target, "previous": current})
+        return
+    typer.echo(_describe_activation(target, model, current, pointers))
+
+
+def _previous_version(
+    history: list[ActivationEvent], current: str | None, model: str | None
+) -> str:
+    pointer = "the default pointer" if model is None else f"model {model!r}"
+    if not history or history[-1].version != current or history[-1].previous is None:
+        raise CommandError(
+            f"There is no earlier version of {pointer} to roll back to. Pass "
+            "--to VERSION, or see `drpo-gateway prompts list`."
+        )
+    return history[-1].previous
 
 
 @prompts_app.command("import")
