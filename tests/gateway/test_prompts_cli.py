@@ -424,7 +424,9 @@ def test_export_import_round_trip(
 
     assert exported.exit_code == 0, exported.output
     assert imported.exit_code == 0, imported.output
-    assert imported.stdout == "Created v3 (imported from v2).\nCreated v4 (imported from v3).\n"
+    assert imported.stdout == (
+        "Created v3 (imported from v2).\nCreated v4 (imported from v3).\n"
+    )
     with DiskPromptStore(other_dir / "prompts") as other:
         child, unrelated = other.get("v3"), other.get("v4")
     assert child.instruction == store.get("v2").instruction
