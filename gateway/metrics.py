@@ -119,6 +119,25 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.samples_stored = Counter(
+            "drpo_samples_stored",
+            "Traffic samples written to the sample store.",
+            registry=r,
+        )
+        self.samples_dropped = Counter(
+            "drpo_samples_dropped",
+            "Traffic samples not stored, by reason: queue_full, client_cap, "
+            "store_error or opted_out.",
+            ["reason"],
+            registry=r,
+        )
+        self.samples_redacted = Counter(
+            "drpo_samples_redacted",
+            "Personal data items replaced in stored samples, by kind.",
+            ["kind"],
+            registry=r,
+        )
+
     def set_active_versions(self, active: Mapping[str, PromptVersion]) -> None:
         """Replace the active-version info series with the current pointers."""
         self.active_prompt.clear()

@@ -42,7 +42,9 @@ async def handle(request: Request, route: str, handler: Handler) -> Response:
     """Run one API request: key check, body, service call, error mapping, metrics."""
     state: GatewayState = request.app.state.gateway
     parts = state.parts
-    ctx = RequestContext(route=route, request_id=request_id(request))
+    ctx = RequestContext(
+        route=route, request_id=request_id(request), peer=request.scope.get("client")
+    )
     in_flight = parts.metrics.in_flight.labels(route=route)
     in_flight.inc()
 

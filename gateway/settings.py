@@ -58,6 +58,16 @@ class ExampleSelection(StrEnum):
     EMBEDDINGS = "embeddings"
 
 
+class RedactionKind(StrEnum):
+    """Kind of personal data that sampling replaces with a typed placeholder."""
+
+    EMAIL = "email"
+    PHONE = "phone"
+    CARD = "card"
+    IP = "ip"
+    SECRET = "secret"
+
+
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "drpo-gateway"
 
@@ -152,6 +162,33 @@ class Settings(BaseSettings):
         32, ge=1, description="Model label values before names fold into 'other'."
     )
 
+    sample_rate: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of chat and completion requests recorded in the "
+        "sample store; 0 disables sampling.",
+    )
+    sample_redaction: bool = Field(
+        True, description="Redact personal data in samples before storing them."
+    )
+    sample_redact: list[RedactionKind] = Field(
+        default_factory=lambda: list(RedactionKind),
+        description="Kinds of personal data redacted when sample_redaction is on.",
+    )
+    sample_client_cap: int = Field(
+        200, ge=1, description="Samples one client may have in the store at once."
+    )
+    sample_max_count: int = Field(
+        10000, ge=1, description="Samples kept in the store; the oldest go first."
+    )
+    sample_queue_size: int = Field(
+        1000, ge=1, description="Samples waiting to be written before new ones drop."
+    )
+    sample_seed: int | None = Field(
+        None, description="Seed of the sampling decision, for reproducible tests."
+    )
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -181,6 +218,10 @@ class Settings(BaseSettings):
     @property
     def store_dir(self) -> Path:
         return self.data_dir / "prompts"
+
+    @property
+    def sample_dir(self) -> Path:
+        return self.data_dir / "samples"
 
     def mode_for(self, model: str) -> InjectionMode:
         """Return the configured mode of `model`, which may still be auto."""

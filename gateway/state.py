@@ -16,6 +16,7 @@ from gateway.prompting import (
     PromptBuilder,
     load_default_instruction,
 )
+from gateway.sampling import DiskSampleStore, SampleRecorder, SampleStore
 from gateway.service.chat import ChatCompletions
 from gateway.service.completions import Completions
 from gateway.service.components import Components
@@ -66,14 +67,40 @@ class GatewayState:
             model_labels=labels,
             injected_tokens=InjectedTokenCounter(upstream),
             retriever=make_retriever(settings, upstream),
+            sampler=start_sampler(settings, metrics),
         )
         return cls(parts, ChatCompletions(parts), Completions(parts), store)
 
     async def stop(self) -> None:
+        sampler = self.parts.sampler
+        if sampler is not None:
+            await sampler.stop()
+            sampler.store.close()
         await self.parts.injected_tokens.close()
         await self.parts.prompts.stop()
         await self.parts.upstream.close()
         self.store.close()
+
+
+def start_sampler(
+    settings: Settings,
+    metrics: GatewayMetrics,
+    store: SampleStore | None = None,
+) -> SampleRecorder | None:
+    """Open the sample store and start its writer, or return None when disabled."""
+    if settings.sample_rate <= 0:
+        return None
+    store = store or DiskSampleStore(
+        settings.sample_dir, max_count=settings.sample_max_count
+    )
+    sampler = SampleRecorder(store, settings, metrics)
+    sampler.start()
+    logger.info(
+        "Sampling %.3g of chat and completion requests into %s",
+        settings.sample_rate,
+        store,
+    )
+    return sampler
 
 
 async def list_models(upstream: UpstreamClient) -> list[str]:

@@ -123,10 +123,16 @@ def optimize(
         int, Option(min=1, help="Model calls in flight at once, all roles together.")
     ] = 4,
     max_calls: Annotated[
-        int | None, Option(help="Stop before making more upstream calls than this.")
+        int | None,
+        Option(min=1, help="Stop before making more upstream calls than this."),
     ] = None,
     max_tokens: Annotated[
-        int | None, Option(help="Stop once this many tokens are spent.")
+        int | None,
+        Option(
+            min=1,
+            help="Stop once this many tokens are spent. Checked before each call, "
+            "so calls already in flight can go past it.",
+        ),
     ] = None,
     helper_max_tokens: Annotated[
         int | None,
@@ -144,7 +150,7 @@ def optimize(
         Option(help="Report JSON path. Default: <data dir>/runs/<time>.json."),
     ] = None,
     price_per_million: Annotated[
-        float, Option(help="Price of 1M tokens, for the cost estimate.")
+        float, Option(min=0, help="Price of 1M tokens, for the cost estimate.")
     ] = 0.0,
     publish_version: Annotated[
         bool,
@@ -275,7 +281,16 @@ class _Plan:
                 await _cancel_other_tasks()
                 await client.aclose()
         self._write_report(outcome)
-        if self.publish:
+        if (
+            self.publish
+            and parent is not None
+            and outcome.instruction == parent.instruction
+        ):
+            typer.echo(
+                f"The result is the same instruction as {parent.version}, the "
+                "version it started from; nothing was published."
+            )
+        elif self.publish:
             version = publish(
                 store, outcome, parent, self.report, self.prompt_model, self.activate
             )

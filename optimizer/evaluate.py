@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from gateway.instruction import Instruction
 from optimizer.types import (
@@ -90,6 +90,7 @@ class Evaluator:
         task = self._evaluations.get(key)
         if task is None:
             task = asyncio.ensure_future(self._evaluate(instruction, query))
+            task.add_done_callback(_retrieve_exception)
             self._evaluations[key] = task
         return await asyncio.shield(task)
 
@@ -119,6 +120,7 @@ class Evaluator:
         task = self._selections.get(query.id)
         if task is None:
             task = asyncio.ensure_future(self._select(query))
+            task.add_done_callback(_retrieve_exception)
             self._selections[query.id] = task
         return task
 
@@ -129,3 +131,11 @@ class Evaluator:
     async def _select(self, query: Query) -> AspectSelection:
         async with self.limiter("selector"):
             return await self.selector.select(query)
+
+
+def _retrieve_exception(task: asyncio.Task[Any]) -> None:
+    # A cached task can fail after every awaiter has gone (the run stopped
+    # on another error); reading its exception keeps asyncio from logging
+    # "Task exception was never retrieved" over the real error message.
+    if not task.cancelled():
+        task.exception()

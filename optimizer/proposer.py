@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,7 +122,7 @@ class LLMProposer:
         response = await self.client.complete(
             ROLE, self.endpoint, "/chat/completions", body
         )
-        text = (response_text(response) or "").strip()
+        text = _strip_echoed_tags(response_text(response) or "")
         if not text:
             self.parse_failures += 1
             logger.warning(
@@ -270,3 +271,14 @@ def _reward_or_top(evaluation: Evaluation) -> float:
 
 def _score_or_top(item: AspectScore) -> int:
     return 6 if item.score is None else item.score
+
+
+_ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*(?:</answer>|$)", re.DOTALL)
+
+
+def _strip_echoed_tags(text: str) -> str:
+    """Return the rewrite without the <answer> and <critique> tags it may echo."""
+    match = _ANSWER_TAG.search(text)
+    if match is not None:
+        text = match.group(1)
+    return re.split(r"</?(?:critique|query)>", text)[0].strip()

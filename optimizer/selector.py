@@ -182,7 +182,11 @@ def parse_selection(reply: str | None) -> _ParsedSelection | str:
     if found is None:
         return f"no JSON object in {reply[:200]!r}"
     names = item_names(found.get("aspects"))
-    aspects = _unique(resolve_aspect(name).name for name in names)
+    aspects = _unique(
+        resolve_aspect(name).name
+        for name in names
+        if _normalized(name) not in NOT_ASPECT_NAMES
+    )
     if not aspects:
         return f'"aspects" holds no aspect names: {found.get("aspects")!r}'
     return _ParsedSelection(
@@ -190,6 +194,17 @@ def parse_selection(reply: str | None) -> _ParsedSelection | str:
         analysis=_text_field(found, "analysis"),
         reason=_text_field(found, "reason"),
     )
+
+
+# Field names of the selector's own reply. A small model sometimes copies them
+# into the aspect list, and they would then be scored like real aspects.
+NOT_ASPECT_NAMES = frozenset(
+    {"analysis", "reason", "reasons", "aspects", "aspect", "name", "score", "rationale"}
+)
+
+
+def _normalized(name: str) -> str:
+    return "".join(character for character in name.lower() if character.isalnum())
 
 
 def clamp_aspects(aspects: Sequence[str], kind: QueryKind) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.instruction import Example, PromptVersion
+from gateway.sampling import Sample
 from gateway.settings import InjectionMode, Settings, load_settings
 from gateway.upstream import UpstreamTarget
 from tests.fakes.upstream import FakeUpstream, ServerThread, wait_until
@@ -107,6 +108,26 @@ class RunningGateway:
             for sample_labels, value in self.samples(name)
             if all(sample_labels.get(key) == want for key, want in labels.items())
         )
+
+    def stored_samples(self, count: int) -> list[Sample]:
+        """Wait until the sample store holds `count` samples; return them, oldest first.
+
+        Samples are written by a background task after the response is sent.
+        """
+        store = self.app.state.gateway.parts.sampler.store
+        if not wait_until(lambda: store.count() >= count):
+            raise AssertionError(
+                f"the sample store holds {store.count()} samples, not {count}"
+            )
+        samples: list[Sample] = store.recent(count + 100)
+        return samples
+
+    def wait_for_metric(self, name: str, value: float, **labels: str) -> None:
+        """Wait until the sum of the `name` samples with `labels` reaches `value`."""
+        if not wait_until(lambda: self.metric(name, **labels) >= value):
+            raise AssertionError(
+                f"{name} {labels} is {self.metric(name, **labels)}, not {value}"
+            )
 
     def stop(self) -> None:
         self.thread.stop()

@@ -45,6 +45,7 @@ class ChatCompletions:
         parts.check_model(request.model)
         version = parts.resolve_prompt(request.model, headers)
         ctx.prompt_version = version_label(version)
+        parts.choose_sample(raw, headers, ctx, bool(request.stream))
         examples = await self._examples(version, body["messages"])
         instruction = version.instruction if version is not None else EMPTY_INSTRUCTION
 
@@ -97,6 +98,7 @@ class ChatCompletions:
         )
         ctx.mark_upstream_end()
         ctx.usage = decode_response(content).get("usage")
+        ctx.keep_response(content)
         return Reply(200, content, version_header(version))
 
     async def _base_mode(
@@ -140,7 +142,9 @@ class ChatCompletions:
             decode_response(content), top_logprobs, prefill_text(body["messages"])
         )
         ctx.usage = response.get("usage")
-        return Reply(200, orjson.dumps(response), version_header(version))
+        reply_body = orjson.dumps(response)
+        ctx.keep_response(reply_body)
+        return Reply(200, reply_body, version_header(version))
 
     async def _stream(
         self,

@@ -38,6 +38,7 @@ class Completions:
         wrapped = parts.settings.wrap_completions
         version = parts.resolve_prompt(request.model, headers) if wrapped else None
         ctx.prompt_version = version_label(version) if wrapped else NO_PROMPT
+        parts.choose_sample(raw, headers, ctx, bool(request.stream))
         if version is not None:
             body = self._wrap(body, request, version.instruction)
             counter = parts.metrics.injected_tokens.labels(model=ctx.model)
@@ -81,13 +82,16 @@ class Completions:
         payload = decode_response(content)
         ctx.usage = payload.get("usage")
         if version is None:
+            ctx.keep_response(content)
             return Reply(200, content, reply_headers)
         for choice in completion_choices(payload):
             text, cut = trim_answer(choice.get("text") or "")
             choice["text"] = text
             if cut:
                 choice["finish_reason"] = "stop"
-        return Reply(200, orjson.dumps(payload), reply_headers)
+        reply_body = orjson.dumps(payload)
+        ctx.keep_response(reply_body)
+        return Reply(200, reply_body, reply_headers)
 
     def _wrap(
         self, body: dict[str, Any], request: CompletionRequest, instruction: Any

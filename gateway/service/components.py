@@ -16,6 +16,7 @@ from gateway.instruction import Example, Instruction, PromptVersion
 from gateway.metrics import GatewayMetrics, ModelLabels
 from gateway.modes import ModeResolver
 from gateway.prompting import ExampleRetriever, PromptBuilder
+from gateway.sampling import SampleRecorder
 from gateway.service.context import RequestContext
 from gateway.service.tokens import InjectedTokenCounter
 from gateway.settings import Settings
@@ -41,6 +42,7 @@ class Components:
     model_labels: ModelLabels
     injected_tokens: InjectedTokenCounter
     retriever: ExampleRetriever | None = None
+    sampler: SampleRecorder | None = None
 
     def check_model(self, model: str) -> None:
         """Raise NotFoundError for a model that the managed engine does not serve.
@@ -77,6 +79,13 @@ class Components:
         )
         return tuple(chosen)
 
+    def choose_sample(
+        self, raw: bytes, headers: Mapping[str, str], ctx: RequestContext, stream: bool
+    ) -> None:
+        """Decide whether the request is sampled, setting `ctx.sample` when it is."""
+        if self.sampler is not None:
+            ctx.sample = self.sampler.choose(raw, headers, ctx.route, ctx.peer, stream)
+
     def finish(self, ctx: RequestContext) -> None:
         """Record a finished request's metrics and write its one log line."""
         if ctx.recorded:
@@ -93,6 +102,9 @@ class Components:
             duration * 1000,
             ctx.prompt_version,
         )
+        if ctx.sample is not None and self.sampler is not None:
+            ctx.sample.finish(ctx.status, ctx.prompt_version, ctx.usage, duration)
+            self.sampler.submit(ctx.sample)
 
     def count_upstream_error(self, error: GatewayError) -> None:
         if isinstance(error, UpstreamStatusError):

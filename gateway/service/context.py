@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.metrics import NO_PROMPT, GatewayMetrics, status_class
+
+if TYPE_CHECKING:
+    from gateway.sampling.capture import SampleCapture
 
 
 @dataclass
@@ -48,6 +51,10 @@ class RequestContext:
     usage: dict[str, Any] | None = None
     upstream: str = ""
     recorded: bool = False
+    peer: tuple[str, int] | None = None
+    """The client's (host, port), as the ASGI server reports it."""
+    sample: SampleCapture | None = None
+    """Set when the request was chosen for traffic sampling."""
 
     def mark_upstream_start(self) -> None:
         self.upstream_started_at = time.perf_counter()
@@ -58,6 +65,11 @@ class RequestContext:
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+
+    def keep_response(self, body: bytes) -> None:
+        """Keep a complete response body for the request's sample, if it has one."""
+        if self.sample is not None:
+            self.sample.response = body
 
     def overhead_seconds(self, finished_at: float) -> float:
         """Return the time spent in the gateway rather than waiting on the upstream."""

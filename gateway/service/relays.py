@@ -67,6 +67,8 @@ class PassthroughRelay:
             choices = []
         if self._ctx.first_token_at is None and any(_has_output(c) for c in choices):
             self._ctx.mark_first_token()
+        if self._ctx.sample is not None:
+            self._ctx.sample.add_chunk(payload)
         if "usage" not in payload or self._client_wants_usage:
             if payload.get("usage"):
                 self._ctx.usage = payload["usage"]
@@ -109,6 +111,8 @@ class BaseChatRelay:
         if payload is None:
             return []
         if "error" in payload:
+            if self._ctx.sample is not None:
+                self._ctx.sample.failed = True
             return [event]
         self._completion_tokens += sum(
             1 for choice in completion_choices(payload) if choice.get("text")
@@ -116,10 +120,13 @@ class BaseChatRelay:
         chunks = self._converter.convert(payload)
         if self._converter.content_seen:
             self._ctx.mark_first_token()
+        self._keep(chunks)
         return [encode_event(chunk) for chunk in chunks]
 
     async def on_end(self) -> list[bytes]:
-        events = [encode_event(chunk) for chunk in self._converter.finish()]
+        closing = self._converter.finish()
+        self._keep(closing)
+        events = [encode_event(chunk) for chunk in closing]
         usage = self._converter.usage or await self._counted_usage()
         if usage is not None:
             self._ctx.usage = usage
@@ -127,6 +134,11 @@ class BaseChatRelay:
             events.append(encode_event(self._converter.usage_chunk(usage)))
         events.append(DONE_EVENT)
         return events
+
+    def _keep(self, chunks: list[dict[str, Any]]) -> None:
+        if self._ctx.sample is not None:
+            for chunk in chunks:
+                self._ctx.sample.add_chunk(chunk)
 
     async def _counted_usage(self) -> dict[str, Any] | None:
         # The gateway closes the upstream stream itself once every answer hit a
@@ -165,6 +177,8 @@ class TrimmedCompletionRelay:
         payload = decode_payload(event)
         if payload is None:
             return []
+        if "error" in payload and self._ctx.sample is not None:
+            self._ctx.sample.failed = True
         if payload.get("usage"):
             self._ctx.usage = payload["usage"]
         self._last = {
@@ -211,4 +225,6 @@ class TrimmedCompletionRelay:
             "logprobs": None,
             "finish_reason": finish_reason,
         }
+        if self._ctx.sample is not None:
+            self._ctx.sample.add_choices([choice])
         return encode_event({**self._last, "choices": [choice]})

@@ -33,6 +33,7 @@ def test_tiny_run_publishes_served_version(tmp_path: Path) -> None:
         "optimize", "--data-dir", str(tmp_path), "--max-queries", "4",
         "--depth", "1", "--max-extra-depth", "0", "--beam-size", "1",
         "--n-actions", "1", "--batch-size", "1", "--heldout-size", "1",
+        "--stage1-rounds", "1", "--max-examples", "2",
         "--helper-max-tokens", "256", "--report", str(report),
         "--publish", "--activate",
         timeout=1500,

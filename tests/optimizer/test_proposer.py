@@ -215,3 +215,12 @@ async def test_rewrite_without_text_returns_empty(
 
     assert answer == ""
     assert proposer.parse_failures == 1
+
+
+def test_rewrite_echoing_tags_is_unwrapped() -> None:
+    from optimizer.proposer import _strip_echoed_tags
+
+    echoed = "<answer>\n1. Remove the stain.\n</answer>\n\n<critique>\nToo short."
+
+    assert _strip_echoed_tags(echoed) == "1. Remove the stain."
+    assert _strip_echoed_tags("A plain rewrite.") == "A plain rewrite."

@@ -219,3 +219,21 @@ def test_optimize_strategy_runs(tmp_path: Path, strategy: str) -> None:
 
 def test_seed_examples_load_for_stage1() -> None:
     assert len(load_seed_examples()) >= 6
+
+
+def test_unchanged_result_is_not_published(tmp_path: Path) -> None:
+    with FakeModels() as fake:
+        result = CliRunner().invoke(
+            app,
+            [
+                "optimize", "--upstream", fake.base_url, "--model", "fake-model",
+                "--mode", "base", "--data-dir", str(tmp_path), "--max-queries", "12",
+                "--depth", "1", "--publish", "--activate",
+            ],
+        )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert "nothing was published" in result.output
+    store = DiskPromptStore(tmp_path / "prompts")
+    assert [version.version for version in store.list_versions()] == ["v1"]
+    store.close()

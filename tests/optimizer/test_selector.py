@@ -231,3 +231,23 @@ def test_clamp_aspects_bounds_count(
     aspects: tuple[str, ...], kind: QueryKind, expected: tuple[str, ...]
 ) -> None:
     assert clamp_aspects(aspects, kind) == expected
+
+
+def test_reply_field_names_are_not_aspects() -> None:
+    from optimizer.selector import parse_selection
+
+    parsed = parse_selection(
+        '{"analysis": "...", "aspects": ["reason", "Analysis", "Helpfulness"], '
+        '"reason": "..."}'
+    )
+
+    assert not isinstance(parsed, str)
+    assert parsed.aspects == ("Helpfulness",)
+
+
+def test_only_field_names_is_unusable() -> None:
+    from optimizer.selector import parse_selection
+
+    parsed = parse_selection('{"aspects": ["reason", "analysis"]}')
+
+    assert isinstance(parsed, str)
