@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import httpx
 import typer
@@ -271,6 +272,7 @@ class _Plan:
                 price_per_million_tokens=self.price,
             )
             self._check_projection(run_settings)
+            started = datetime.now(UTC)
             client = ModelClient(run_settings.cache_dir, self.concurrency, self.budget)
             try:
                 with _progress(client, self._projected_total(run_settings)):
@@ -280,7 +282,7 @@ class _Plan:
             finally:
                 await _cancel_other_tasks()
                 await client.aclose()
-        self._write_report(outcome)
+        self._write_report(outcome, self._run_facts(run_settings, started))
         if (
             self.publish
             and parent is not None
@@ -316,6 +318,23 @@ class _Plan:
             )
         return roles
 
+    def _run_facts(self, settings: RunSettings, started: datetime) -> dict[str, Any]:
+        """Return what the record itself does not say: where, when, on what."""
+        finished = datetime.now(UTC)
+        roles = {
+            name: {"base_url": endpoint.base_url, "model": endpoint.model}
+            for name, endpoint in vars(settings.roles).items()
+        }
+        return {
+            "started_at": started.isoformat(),
+            "seconds": round((finished - started).total_seconds(), 3),
+            "roles": roles,
+            "mode": settings.mode.value,
+            "queries": len(self.queries),
+            "stage1_rounds": settings.stage1_rounds,
+            "concurrency": settings.concurrency,
+        }
+
     def _projected_total(self, settings: RunSettings) -> int:
         example_count = (
             min(self.max_examples, len(self.examples)) if self.stage1_rounds else 0
@@ -341,9 +360,10 @@ class _Plan:
                 "--force to start anyway (cache hits do not count)."
             )
 
-    def _write_report(self, outcome: RunOutcome) -> None:
+    def _write_report(self, outcome: RunOutcome, run: dict[str, Any]) -> None:
         self.report.parent.mkdir(parents=True, exist_ok=True)
-        self.report.write_text(outcome.record.to_json())
+        report = {"run": run, **outcome.record.to_dict()}
+        self.report.write_text(json.dumps(report, indent=2, ensure_ascii=False))
         summary = outcome.record.summary()
         self.report.with_suffix(".txt").write_text(summary)
         typer.echo(summary)
@@ -388,10 +408,21 @@ async def _first_model(base_url: str, api_key: str | None) -> str:
             response = await client.get(base_url + "/models", headers=headers)
             response.raise_for_status()
             return str(response.json()["data"][0]["id"])
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
+    except httpx.TransportError as error:
         raise OptimizerError(
-            f"Could not read the model list of {base_url}: {error}. Pass the model "
-            "name with --model (or --helpers-model / --judge-model)."
+            f"Could not connect to {base_url}: {error}. Check that the server is "
+            "running and that the URL, with http:// and the /v1 prefix, is right."
+        ) from None
+    except httpx.HTTPStatusError as error:
+        raise OptimizerError(
+            f"{base_url}/models returned HTTP {error.response.status_code}. Check "
+            "that the URL is the API base, which usually ends with /v1, or pass "
+            "the model name with --model (or --helpers-model / --judge-model)."
+        ) from None
+    except (KeyError, IndexError, ValueError) as error:
+        raise OptimizerError(
+            f"Could not read the model list of {base_url}: {error!r}. Pass the "
+            "model name with --model (or --helpers-model / --judge-model)."
         ) from None
 
 

@@ -360,7 +360,8 @@ class ModelClient:
         if status >= 400:
             raise ModelCallError(
                 f"The {role} call to {url} (model {endpoint.model!r}) was rejected "
-                f"with HTTP {status}: {_detail(reply)}. {_client_error_hint(status)}",
+                f"with HTTP {status}: {_detail(reply).rstrip('.')}. "
+                f"{_client_error_hint(status, _detail(reply))}",
                 endpoint,
                 status,
             )
@@ -430,7 +431,12 @@ def _json_object(
     return value
 
 
-def _client_error_hint(status: int) -> str:
+def _client_error_hint(status: int, detail: str = "") -> str:
+    if status == 404 and "model" in detail.lower():
+        return (
+            "Pass a model name the server lists at GET /v1/models "
+            "(--model, --helpers-model or --judge-model)."
+        )
     if status == 404:
         return (
             "Check that the endpoint URL is the API base, which usually ends "

@@ -156,7 +156,13 @@ def test_optimize_command_publishes_version(tmp_path: Path) -> None:
     assert version.parent == "v1"
     assert version.source == "optimizer"
     assert store.active_version() == "v2"
-    assert json.loads((tmp_path / "run.json").read_text())["final"]["system_prompt"]
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["final"]["system_prompt"]
+    assert report["run"]["roles"]["judge"] == {
+        "base_url": fake.base_url,
+        "model": "fake-model",
+    }
+    assert report["run"]["mode"] == "base"
     store.close()
 
 
