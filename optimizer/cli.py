@@ -319,7 +319,7 @@ class _Plan:
         return roles
 
     def _run_facts(self, settings: RunSettings, started: datetime) -> dict[str, Any]:
-        """Return what the record itself does not say: where, when, on what."""
+        """Return the run facts the record lacks: roles, mode, start and duration."""
         finished = datetime.now(UTC)
         roles = {
             name: {"base_url": endpoint.base_url, "model": endpoint.model}

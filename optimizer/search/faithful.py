@@ -9,19 +9,17 @@ prompt on the best path.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from statistics import fmean
 
-from gateway.instruction import Example
-from optimizer.evaluate import Evaluator, gather_all
-from optimizer.search.nodes import path_history, score_key
+from optimizer.evaluate import gather_all
+from optimizer.search.nodes import score_key
 from optimizer.search.queries import QuerySplit, check_unique_ids, shuffled
-from optimizer.search.recorder import DepthBudget, SearchRecorder, apply_skip_rule
+from optimizer.search.recorder import DepthBudget, apply_skip_rule
 from optimizer.search.result import FinalChoice, SearchResult
-from optimizer.search.scoring import Proposal, propose_all, score_candidate
-from optimizer.search.settings import SearchSettings
-from optimizer.types import Candidate, Proposer, Query
+from optimizer.search.scoring import Proposal, score_candidate
+from optimizer.search.strategy import StrategyRun
+from optimizer.types import Candidate, Query
 
 Path = tuple[Candidate, ...]
 
@@ -32,23 +30,8 @@ def path_reward(path: Path) -> float | None:
     return fmean(values) if values else None
 
 
-class FaithfulSearch:
+class FaithfulSearch(StrategyRun):
     """One run of the faithful beam search; create a new one per run."""
-
-    def __init__(
-        self,
-        evaluator: Evaluator,
-        proposer: Proposer,
-        settings: SearchSettings,
-        examples: Sequence[Example],
-        rng: random.Random,
-    ) -> None:
-        self.evaluator = evaluator
-        self.proposer = proposer
-        self.settings = settings
-        self.examples = tuple(examples)
-        self.rng = rng
-        self.recorder = SearchRecorder(settings, initial_prompt="")
 
     async def run(self, initial_prompt: str, queries: Sequence[Query]) -> SearchResult:
         """Search from `initial_prompt`, one query per level, and freeze the result."""
@@ -106,18 +89,6 @@ class FaithfulSearch:
             extended,
         )
         return kept
-
-    async def _propose(self, expand: Sequence[Candidate]) -> list[Proposal]:
-        index = self.recorder.candidate_index()
-        return await propose_all(
-            self.evaluator,
-            self.proposer,
-            [
-                (node, path_history(node, index, self.settings.history_length))
-                for node in expand
-            ],
-            self.settings.n_actions,
-        )
 
     def _plan_children(
         self,

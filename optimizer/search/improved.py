@@ -10,32 +10,29 @@ deployed prompt is chosen by re-scoring the best prompts on held-out queries.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import fmean
 
-from gateway.instruction import Example
 from optimizer.errors import SearchError
-from optimizer.evaluate import Evaluator, gather_all
+from optimizer.evaluate import gather_all
 from optimizer.search.nodes import (
     normalize_prompt,
     passes_floor,
-    path_history,
     safety_floor,
     score_key,
 )
 from optimizer.search.queries import BatchSampler, check_unique_ids, split_queries
-from optimizer.search.recorder import DepthBudget, SearchRecorder, apply_skip_rule
+from optimizer.search.recorder import DepthBudget, apply_skip_rule
 from optimizer.search.result import (
     FinalChoice,
     MergeEvent,
     SafetyRejection,
     SearchResult,
 )
-from optimizer.search.scoring import Proposal, propose_all, score_candidate
-from optimizer.search.settings import SearchSettings
-from optimizer.types import Candidate, Proposer, Query
+from optimizer.search.scoring import Proposal, score_candidate
+from optimizer.search.strategy import StrategyRun
+from optimizer.types import Candidate, Query
 
 
 @dataclass(frozen=True)
@@ -47,23 +44,8 @@ class PlannedCandidate:
     parent: str | None
 
 
-class ImprovedSearch:
+class ImprovedSearch(StrategyRun):
     """One run of the improved beam search; create a new one per run."""
-
-    def __init__(
-        self,
-        evaluator: Evaluator,
-        proposer: Proposer,
-        settings: SearchSettings,
-        examples: Sequence[Example],
-        rng: random.Random,
-    ) -> None:
-        self.evaluator = evaluator
-        self.proposer = proposer
-        self.settings = settings
-        self.examples = tuple(examples)
-        self.rng = rng
-        self.recorder = SearchRecorder(settings, initial_prompt="")
 
     async def run(self, initial_prompt: str, queries: Sequence[Query]) -> SearchResult:
         """Search from `initial_prompt` and return the frozen result."""
@@ -144,18 +126,6 @@ class ImprovedSearch:
             extended,
         )
         return next_beam
-
-    async def _propose(self, expand: Sequence[Candidate]) -> list[Proposal]:
-        index = self.recorder.candidate_index()
-        return await propose_all(
-            self.evaluator,
-            self.proposer,
-            [
-                (node, path_history(node, index, self.settings.history_length))
-                for node in expand
-            ],
-            self.settings.n_actions,
-        )
 
     def _merge(
         self,
