@@ -158,7 +158,11 @@ def _latency(output: str, label: str) -> float:
     if match is None:
         raise RuntimeError(f"wrk printed no {label} latency:\n{output}")
     value, unit = float(match.group(1)), match.group(2)
-    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    if unit == "us":
+        return value / 1000
+    if unit == "s":
+        return value * 1000
+    return value
 
 
 def main() -> None:

@@ -185,7 +185,7 @@ def stop_on_sigterm() -> None:
     """Make SIGTERM stop the process like Ctrl-C, so managed engines are stopped.
 
     uvicorn handles SIGTERM itself while it serves, then raises the signal
-    again once it has shut down; without this handler that second signal
+    again once it has shut down. Without this handler, that second signal
     would end the process before the engine is stopped.
     """
 

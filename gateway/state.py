@@ -104,7 +104,7 @@ def start_sampler(
 
 
 async def list_models(upstream: UpstreamClient) -> list[str]:
-    """Return the model ids the upstream lists, or none when it cannot say."""
+    """Return the model ids the upstream lists, or an empty list if the call fails."""
     try:
         response = await upstream.http.get("/models", timeout=5.0)
         data = response.json().get("data") if response.status_code == 200 else None

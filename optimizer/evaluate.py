@@ -134,8 +134,8 @@ class Evaluator:
 
 
 def _retrieve_exception(task: asyncio.Task[Any]) -> None:
-    # A cached task can fail after every awaiter has gone (the run stopped
-    # on another error); reading its exception keeps asyncio from logging
-    # "Task exception was never retrieved" over the real error message.
+    # A cached task can fail after every awaiter has gone, when the run
+    # stopped on another error. Reading its exception keeps asyncio from
+    # logging "Task exception was never retrieved" over the real message.
     if not task.cancelled():
         task.exception()

@@ -110,7 +110,7 @@ class RunningGateway:
         )
 
     def stored_samples(self, count: int) -> list[Sample]:
-        """Wait until the sample store holds `count` samples; return them, oldest first.
+        """Wait for `count` stored samples and return them, oldest first.
 
         Samples are written by a background task after the response is sent.
         """

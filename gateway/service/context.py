@@ -36,7 +36,7 @@ class StreamReply:
 
 @dataclass
 class RequestContext:
-    """What one request did, filled in as it goes and recorded once at the end."""
+    """Record of one request, filled in as it goes and counted once at the end."""
 
     route: str
     request_id: str

@@ -113,39 +113,39 @@ async def test_run_respects_concurrency_limit(tmp_path: Path) -> None:
     assert fake.max_in_flight == 3
 
 
+def _optimize(fake: FakeModels, data_dir: Path, mode: str, *options: str) -> Any:
+    """Run `drpo-gateway optimize` against `fake` with `options` added."""
+    common = [
+        "optimize", "--upstream", fake.base_url, "--model", "fake-model",
+        "--mode", mode, "--data-dir", str(data_dir),
+    ]  # fmt: skip
+    return CliRunner().invoke(app, [*common, *options])
+
+
 def test_optimize_command_publishes_version(tmp_path: Path) -> None:
     with FakeModels(
         target=feature_target, judge=feature_judge, optimizer=feature_optimizer
     ) as fake:
-        result = CliRunner().invoke(
-            app,
-            [
-                "optimize",
-                "--upstream",
-                fake.base_url,
-                "--model",
-                "fake-model",
-                "--mode",
-                "base",
-                "--data-dir",
-                str(tmp_path),
-                "--max-queries",
-                "20",
-                "--depth",
-                "2",
-                "--max-extra-depth",
-                "0",
-                "--n-actions",
-                "2",
-                "--batch-size",
-                "3",
-                "--heldout-size",
-                "3",
-                "--publish",
-                "--activate",
-                "--report",
-                str(tmp_path / "run.json"),
-            ],
+        result = _optimize(
+            fake,
+            tmp_path,
+            "base",
+            "--max-queries",
+            "20",
+            "--depth",
+            "2",
+            "--max-extra-depth",
+            "0",
+            "--n-actions",
+            "2",
+            "--batch-size",
+            "3",
+            "--heldout-size",
+            "3",
+            "--publish",
+            "--activate",
+            "--report",
+            str(tmp_path / "run.json"),
         )
 
     assert result.exit_code == 0, result.output
@@ -168,22 +168,7 @@ def test_optimize_command_publishes_version(tmp_path: Path) -> None:
 
 def test_optimize_rejects_projection_over_budget(tmp_path: Path) -> None:
     with FakeModels() as fake:
-        result = CliRunner().invoke(
-            app,
-            [
-                "optimize",
-                "--upstream",
-                fake.base_url,
-                "--model",
-                "fake-model",
-                "--mode",
-                "base",
-                "--data-dir",
-                str(tmp_path),
-                "--max-calls",
-                "5",
-            ],
-        )
+        result = _optimize(fake, tmp_path, "base", "--max-calls", "5")
         calls = len(fake.calls)
 
     assert result.exit_code == 1
@@ -194,29 +179,20 @@ def test_optimize_rejects_projection_over_budget(tmp_path: Path) -> None:
 @pytest.mark.parametrize("strategy", ["improved", "faithful"])
 def test_optimize_strategy_runs(tmp_path: Path, strategy: str) -> None:
     with FakeModels() as fake:
-        result = CliRunner().invoke(
-            app,
-            [
-                "optimize",
-                "--upstream",
-                fake.base_url,
-                "--model",
-                "fake-model",
-                "--mode",
-                "chat",
-                "--data-dir",
-                str(tmp_path),
-                "--max-queries",
-                "20",
-                "--depth",
-                "1",
-                "--strategy",
-                strategy,
-                "--stage1-rounds",
-                "1",
-                "--max-examples",
-                "3",
-            ],
+        result = _optimize(
+            fake,
+            tmp_path,
+            "chat",
+            "--max-queries",
+            "20",
+            "--depth",
+            "1",
+            "--strategy",
+            strategy,
+            "--stage1-rounds",
+            "1",
+            "--max-examples",
+            "3",
         )
 
     assert result.exit_code == 0, result.output
@@ -229,13 +205,9 @@ def test_seed_examples_load_for_stage1() -> None:
 
 def test_unchanged_result_is_not_published(tmp_path: Path) -> None:
     with FakeModels() as fake:
-        result = CliRunner().invoke(
-            app,
-            [
-                "optimize", "--upstream", fake.base_url, "--model", "fake-model",
-                "--mode", "base", "--data-dir", str(tmp_path), "--max-queries", "12",
-                "--depth", "1", "--publish", "--activate",
-            ],
+        result = _optimize(
+            fake, tmp_path, "base", "--max-queries", "12", "--depth", "1",
+            "--publish", "--activate",
         )  # fmt: skip
 
     assert result.exit_code == 0, result.output
