@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.instruction import PromptVersion
+
+if TYPE_CHECKING:
+    from gateway.store.base import Canary
 
 # LLM requests range from milliseconds (a cached short answer) to minutes (a
 # long generation on a CPU), so the buckets run up to ten minutes.
@@ -113,6 +117,13 @@ class GatewayMetrics:
             ["model", "version"],
             registry=r,
         )
+        self.canary_prompt = Gauge(
+            "drpo_canary_prompt_share",
+            "Fraction of clients served the canary version, per model pointer; "
+            "'*' is the default.",
+            ["model", "version"],
+            registry=r,
+        )
         self.store_generation = Gauge(
             "drpo_prompt_store_generation",
             "Generation of the prompt store last loaded by the gateway.",
@@ -143,6 +154,14 @@ class GatewayMetrics:
         self.active_prompt.clear()
         for model, version in active.items():
             self.active_prompt.labels(model=model, version=version.version).set(1)
+
+    def set_canaries(self, canaries: Mapping[str, Canary]) -> None:
+        """Replace the canary share series with the running canaries."""
+        self.canary_prompt.clear()
+        for model, canary in canaries.items():
+            self.canary_prompt.labels(model=model, version=canary.version).set(
+                canary.share
+            )
 
     def record_usage(self, model: str, usage: object) -> None:
         """Count the tokens of an upstream `usage` object, when it is well formed."""

@@ -1,4 +1,4 @@
-"""The `drpo-gateway prompts` commands: list, show, activate, import, export."""
+"""The `drpo-gateway prompts` commands: list, show, activate, canary, import, export."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from gateway.errors import ConfigurationError, GatewayError
 from gateway.instruction import Example, Instruction, PromptVersion
 from gateway.settings import load_settings
-from gateway.store import DEFAULT_MODEL_KEY, ActivationEvent, DiskPromptStore
+from gateway.store import DEFAULT_MODEL_KEY, ActivationEvent, Canary, DiskPromptStore
+from gateway.store.base import model_key
 
 prompts_app = typer.Typer(
-    help="List, show, activate, roll back, import and export prompt versions.",
+    help="List, show, activate, roll back, canary, import and export prompt versions.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -88,21 +89,28 @@ def list_command(
     """List the stored prompt versions, oldest first.
 
     ACTIVE FOR names the models whose pointer is the version; "default" (or
-    "*" in JSON) is the pointer used by every other model.
+    "*" in JSON) is the pointer used by every other model. A running canary
+    shows as "default (canary 10%)" on its version, and as "canary_for"
+    (pointer to share) in JSON.
     """
     with _report_errors(), _open_store(data_dir, config) as store:
         versions = store.list_versions()
         pointers = store.active_pointers()
+        canaries = store.canaries()
 
     active_for = _models_by_version(pointers)
     if json_output:
         rows = [
-            {**_to_json(record), "active_for": active_for.get(record.version, [])}
+            {
+                **_to_json(record),
+                "active_for": active_for.get(record.version, []),
+                "canary_for": _canary_shares(canaries, record.version),
+            }
             for record in versions
         ]
         _echo_json(rows)
         return
-    _echo_table(versions, active_for)
+    _echo_table(versions, active_for, canaries)
 
 
 @prompts_app.command("show")
@@ -117,7 +125,9 @@ def show_command(
     """Print one version record as JSON.
 
     `show active --model NAME` prints the version that NAME is served: its
-    own pointer, else the default pointer.
+    own pointer, else the default pointer. A running canary of the version,
+    or of the pointer that `show active` reads, is named on stderr, so
+    stdout stays a record that `prompts import` reads.
     """
     with _report_errors(), _open_store(data_dir, config) as store:
         if version != "active":
@@ -127,9 +137,13 @@ def show_command(
                     f"Remove it to show {version!r}."
                 )
             record = store.get(version)
+            notes = _canary_notes_for_version(store.canaries(), version)
         else:
             record = store.get(_require_active(store, model))
+            notes = _canary_notes_for_pointer(store, model)
     _echo_json(_to_json(record))
+    for note in notes:
+        typer.echo(note, err=True)
 
 
 @prompts_app.command("activate")
@@ -140,10 +154,16 @@ def activate_command(
     data_dir: DataDirOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Point a model, or the default pointer without --model, at a version."""
+    """Point a model, or the default pointer without --model, at a version.
+
+    Activating the version of the pointer's running canary promotes it: the
+    canary ends and every client gets the version.
+    """
     with _report_errors(), _open_store(data_dir, config) as store:
         pointers = store.active_pointers()
+        canary = store.canaries().get(model_key(model))
         store.activate(version, model)
+    promoted = canary if canary is not None and canary.version == version else None
 
     # NOTE: `previous` is read just before the activation. A change that
     # another process makes in between is missing from this message, but the
@@ -156,10 +176,16 @@ def activate_command(
                 "version": version,
                 "previous": previous,
                 "changed": previous != version,
+                "ended_canary": _canary_json(promoted),
             }
         )
         return
     typer.echo(_describe_activation(version, model, previous, pointers))
+    if promoted is not None:
+        typer.echo(
+            f"Ended the canary of {version} ({_percent(promoted.share)} of "
+            "clients); every client gets it now."
+        )
 
 
 @prompts_app.command("rollback")
@@ -201,6 +227,135 @@ def _previous_version(
             "--to VERSION, or see `drpo-gateway prompts list`."
         )
     return history[-1].previous
+
+
+@prompts_app.command("canary")
+def canary_command(
+    version: Annotated[
+        str | None,
+        typer.Argument(
+            help="Version to serve to a share of clients, e.g. v3. Omit with --stop.",
+            metavar="VERSION",
+            show_default=False,
+        ),
+    ] = None,
+    share: Annotated[
+        float | None,
+        typer.Option(
+            "--share",
+            help="Fraction of clients that get VERSION, strictly between 0 and "
+            "1; 0.1 is 10%.",
+            show_default=False,
+        ),
+    ] = None,
+    stop: Annotated[
+        bool,
+        typer.Option("--stop", help="End the running canary instead of starting one."),
+    ] = False,
+    model: ModelOption = None,
+    json_output: JsonOption = False,
+    data_dir: DataDirOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Serve a version to a share of clients, or end that canary with --stop.
+
+    A client (its bearer key, else its IP) stays in one arm for the whole
+    canary, and a new canary of the same version with a larger --share keeps
+    the clients already in it. `prompts activate VERSION` promotes the canary
+    and ends it. Running gateways follow every change within a second.
+    """
+    with _report_errors():
+        if stop:
+            _reject_start_options(version, share)
+            with _open_store(data_dir, config) as store:
+                ended = _stop_canary(store, model)
+                active = store.active_version(model)
+            _echo_canary_end(ended, active, json_output)
+            return
+
+        version, share = _require_start_options(version, share)
+        with _open_store(data_dir, config) as store:
+            earlier = store.canaries().get(model_key(model))
+            started = store.set_canary(version, share, model)
+            active = store.active_version(model)
+    _echo_canary_start(started, earlier, active, json_output)
+
+
+def _reject_start_options(version: str | None, share: float | None) -> None:
+    if version is not None or share is not None:
+        raise CommandError(
+            "--stop ends the running canary and takes no VERSION or --share. "
+            "Remove them, or remove --stop to start a canary."
+        )
+
+
+def _require_start_options(
+    version: str | None, share: float | None
+) -> tuple[str, float]:
+    if version is None:
+        raise CommandError(
+            "Missing VERSION: pass the version to serve, e.g. `prompts canary v3 "
+            "--share 0.1`, or --stop to end the running canary."
+        )
+    if share is None:
+        raise CommandError(
+            f"Missing --share: pass the fraction of clients that get {version}, "
+            "e.g. --share 0.1 for 10%."
+        )
+    return version, share
+
+
+def _stop_canary(store: DiskPromptStore, model: str | None) -> Canary:
+    ended = store.clear_canary(model)
+    if ended is None:
+        raise CommandError(
+            f"No canary is running for {_pointer_name(model)}. "
+            "`drpo-gateway prompts list` shows the running canaries."
+        )
+    return ended
+
+
+def _echo_canary_start(
+    canary: Canary, earlier: Canary | None, active: str | None, json_output: bool
+) -> None:
+    if json_output:
+        _echo_json(
+            {
+                **canary.model_dump(mode="json"),
+                "active": active,
+                "replaced": _canary_json(earlier),
+            }
+        )
+        return
+    pointer = _pointer_name(canary.model)
+    others = active or "no instruction"
+    if earlier is not None and earlier.version == canary.version:
+        typer.echo(
+            f"The canary of {canary.version} for {pointer} now serves "
+            f"{_percent(canary.share)} of clients (was {_percent(earlier.share)}); "
+            f"the others get {others}."
+        )
+        return
+    typer.echo(
+        f"Started a canary of {canary.version} for {pointer}: "
+        f"{_percent(canary.share)} of clients get it, the others get {others}."
+    )
+    if earlier is not None:
+        typer.echo(
+            f"It replaces the canary of {earlier.version} "
+            f"({_percent(earlier.share)} of clients)."
+        )
+
+
+def _echo_canary_end(canary: Canary, active: str | None, json_output: bool) -> None:
+    if json_output:
+        _echo_json({**canary.model_dump(mode="json"), "active": active})
+        return
+    typer.echo(
+        f"Ended the canary of {canary.version} for {_pointer_name(canary.model)} "
+        f"({_percent(canary.share)} of clients); every client gets "
+        f"{active or 'no instruction'} again."
+    )
 
 
 @prompts_app.command("import")
@@ -438,6 +593,52 @@ def _describe_activation(
     return f"{pointer} now points at {version} (previously {previous or 'unset'})."
 
 
+def _pointer_name(model: str | None) -> str:
+    return "the default pointer" if model is None else f"model {model!r}"
+
+
+def _percent(share: float) -> str:
+    return f"{share * 100:.3g}%"
+
+
+def _canary_json(canary: Canary | None) -> dict[str, Any] | None:
+    return None if canary is None else canary.model_dump(mode="json")
+
+
+def _canary_shares(canaries: dict[str, Canary], version: str) -> dict[str, float]:
+    return {
+        key: canary.share
+        for key, canary in sorted(canaries.items())
+        if canary.version == version
+    }
+
+
+def _canary_notes_for_version(canaries: dict[str, Canary], version: str) -> list[str]:
+    return [
+        f"Note: {version} is the canary of {_pointer_name(canary.model)}, "
+        f"served to {_percent(canary.share)} of its clients."
+        for _, canary in sorted(canaries.items())
+        if canary.version == version
+    ]
+
+
+def _canary_notes_for_pointer(store: DiskPromptStore, model: str | None) -> list[str]:
+    # A model follows its own canary when it has its own pointer or canary,
+    # and the default pointer's canary otherwise, as the gateway does.
+    canaries = store.canaries()
+    key = DEFAULT_MODEL_KEY
+    if model is not None and (model in canaries or model in store.active_pointers()):
+        key = model
+    canary = canaries.get(key)
+    if canary is None:
+        return []
+    return [
+        f"Note: a canary of {canary.version} runs for "
+        f"{_pointer_name(canary.model)}: {_percent(canary.share)} of clients get "
+        "it instead of this version."
+    ]
+
+
 def _models_by_version(pointers: dict[str, str]) -> dict[str, list[str]]:
     models: dict[str, list[str]] = {}
     for model, version in sorted(pointers.items()):
@@ -446,7 +647,9 @@ def _models_by_version(pointers: dict[str, str]) -> dict[str, list[str]]:
 
 
 def _echo_table(
-    versions: Sequence[PromptVersion], active_for: dict[str, list[str]]
+    versions: Sequence[PromptVersion],
+    active_for: dict[str, list[str]],
+    canaries: dict[str, Canary],
 ) -> None:
     header = (
         "VERSION",
@@ -459,14 +662,17 @@ def _echo_table(
     rows = [header]
     for record in versions:
         models = active_for.get(record.version, [])
+        serving = [_table_pointer(model) for model in models] + [
+            f"{_table_pointer(key)} (canary {_percent(share)})"
+            for key, share in _canary_shares(canaries, record.version).items()
+        ]
         rows.append(
             (
                 record.version,
                 record.created_at.strftime("%Y-%m-%d %H:%M"),
                 record.source,
                 record.parent or "-",
-                ",".join("default" if m == DEFAULT_MODEL_KEY else m for m in models)
-                or "-",
+                ",".join(serving) or "-",
                 _preview(record.system_prompt),
             )
         )
@@ -474,6 +680,10 @@ def _echo_table(
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
         typer.echo("  ".join(cells).rstrip())
+
+
+def _table_pointer(key: str) -> str:
+    return "default" if key == DEFAULT_MODEL_KEY else key
 
 
 def _preview(text: str) -> str:

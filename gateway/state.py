@@ -49,6 +49,7 @@ class GatewayState:
         metrics = GatewayMetrics()
         prompts = ActivePrompts(store, settings.store_poll_interval)
         prompts.add_listener(metrics.set_active_versions)
+        prompts.add_canary_listener(metrics.set_canaries)
         await prompts.start()
 
         upstream = UpstreamClient(target, settings)

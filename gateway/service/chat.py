@@ -43,7 +43,7 @@ class ChatCompletions:
         parts = self._parts
         ctx.model = parts.model_labels(request.model)
         parts.check_model(request.model)
-        version = parts.resolve_prompt(request.model, headers)
+        version = parts.resolve_prompt(request.model, headers, ctx.peer)
         ctx.prompt_version = version_label(version)
         parts.choose_sample(raw, headers, ctx, bool(request.stream))
         examples = await self._examples(version, body["messages"])

@@ -36,7 +36,9 @@ class Completions:
         ctx.model = parts.model_labels(request.model)
         parts.check_model(request.model)
         wrapped = parts.settings.wrap_completions
-        version = parts.resolve_prompt(request.model, headers) if wrapped else None
+        version = (
+            parts.resolve_prompt(request.model, headers, ctx.peer) if wrapped else None
+        )
         ctx.prompt_version = version_label(version) if wrapped else NO_PROMPT
         parts.choose_sample(raw, headers, ctx, bool(request.stream))
         if version is not None:

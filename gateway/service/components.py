@@ -17,6 +17,7 @@ from gateway.metrics import GatewayMetrics, ModelLabels
 from gateway.modes import ModeResolver
 from gateway.prompting import ExampleRetriever, PromptBuilder
 from gateway.sampling import SampleRecorder
+from gateway.sampling.capture import client_id
 from gateway.service.context import RequestContext
 from gateway.service.tokens import InjectedTokenCounter
 from gateway.settings import Settings
@@ -60,13 +61,19 @@ class Components:
             )
 
     def resolve_prompt(
-        self, model: str, headers: Mapping[str, str]
+        self, model: str, headers: Mapping[str, str], peer: tuple[str, int] | None
     ) -> PromptVersion | None:
-        """Return the version a request uses: pinned, active, or None when off."""
+        """Return the version a request uses: pinned, canary, active, or None.
+
+        None means the client turned the instruction off. The canary split
+        uses the client id that the sampler stores, so a sampled request
+        records the arm its client is in.
+        """
         requested = headers.get(PROMPT_HEADER, "").strip()
         if requested.lower() == PROMPT_OFF:
             return None
-        return self.prompts.resolve(model, pinned=requested or None)
+        client = client_id(headers, peer) if self.prompts.active_canaries else None
+        return self.prompts.resolve(model, pinned=requested or None, client=client)
 
     async def select_examples(
         self, version: PromptVersion, query: str

@@ -3,7 +3,11 @@
 from gateway.store.active import ActivePrompts
 from gateway.store.base import (
     DEFAULT_MODEL_KEY,
+    UNSET,
+    ActivationConflictError,
     ActivationEvent,
+    Canary,
+    Lease,
     PromptStore,
     StoreError,
 )
@@ -11,9 +15,13 @@ from gateway.store.disk import DiskPromptStore
 
 __all__ = [
     "DEFAULT_MODEL_KEY",
+    "UNSET",
+    "ActivationConflictError",
     "ActivationEvent",
     "ActivePrompts",
+    "Canary",
     "DiskPromptStore",
+    "Lease",
     "PromptStore",
     "StoreError",
 ]

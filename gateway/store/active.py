@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -11,15 +12,27 @@ from types import MappingProxyType
 
 from gateway.errors import PromptVersionNotFoundError, ServiceUnavailableError
 from gateway.instruction import PromptVersion
-from gateway.store.base import DEFAULT_MODEL_KEY, PromptStore, StoreError
+from gateway.store.base import DEFAULT_MODEL_KEY, Canary, PromptStore, StoreError
 
 logger = logging.getLogger(__name__)
 
 Listener = Callable[[dict[str, PromptVersion]], None]
+CanaryListener = Callable[[dict[str, Canary]], None]
 
 # While the store keeps failing, one warning is logged per this many polls
 # (about 20 s at the default interval) instead of one per poll.
 _FAILURE_LOG_EVERY = 100
+
+
+def canary_bucket(version: str, client: str) -> float:
+    """Return the position in [0, 1) of `client` in the canary of `version`.
+
+    The position is the first 53 bits of SHA-256 of the pair, divided by
+    2**53. A client keeps its position for the whole canary, also when its
+    share grows, and clients whose position is below the share get the canary.
+    """
+    digest = hashlib.sha256(f"{version}\0{client}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2**53
 
 
 @dataclass(frozen=True)
@@ -27,16 +40,25 @@ class _Snapshot:
     generation: int
     versions: Mapping[str, PromptVersion]
     """Active version per pointer key, "*" for the default."""
+    canaries: Mapping[str, Canary]
+    """Running canary per pointer key."""
+    canary_versions: Mapping[str, PromptVersion]
+    """Record of each canary's version, keyed like `canaries`."""
 
 
-_EMPTY_SNAPSHOT = _Snapshot(generation=-1, versions=MappingProxyType({}))
+_EMPTY_SNAPSHOT = _Snapshot(
+    generation=-1,
+    versions=MappingProxyType({}),
+    canaries=MappingProxyType({}),
+    canary_versions=MappingProxyType({}),
+)
 
 
 class ActivePrompts:
-    """Active versions of a PromptStore, reloaded when its generation changes.
+    """Active versions and canaries of a PromptStore, reloaded on a new generation.
 
-    The snapshot is an immutable mapping replaced in one assignment, so a
-    request that resolved a version keeps it even if a swap happens meanwhile.
+    The snapshot is immutable and replaced in one assignment, so a request
+    that resolved a version keeps it even if a swap happens meanwhile.
     `resolve` reads only memory, except for the first request that pins a
     version not loaded yet.
     """
@@ -53,6 +75,7 @@ class ActivePrompts:
         # Versions are immutable, so every record fetched once stays valid.
         self._fetched: dict[str, PromptVersion] = {}
         self._listeners: list[Listener] = []
+        self._canary_listeners: list[CanaryListener] = []
         self._task: asyncio.Task[None] | None = None
         self._failed_polls = 0
 
@@ -100,6 +123,11 @@ class ActivePrompts:
         """Read-only mapping of pointer key ("*" for the default) to version."""
         return self._snapshot.versions
 
+    @property
+    def active_canaries(self) -> Mapping[str, Canary]:
+        """Read-only mapping of pointer key ("*" for the default) to its canary."""
+        return self._snapshot.canaries
+
     def add_listener(self, callback: Listener) -> None:
         """Call `callback` with the active versions after every reload.
 
@@ -108,17 +136,37 @@ class ActivePrompts:
         """
         self._listeners.append(callback)
 
-    def resolve(self, model: str, pinned: str | None = None) -> PromptVersion | None:
+    def add_canary_listener(self, callback: CanaryListener) -> None:
+        """Call `callback` with the running canaries after every reload.
+
+        It runs like the callbacks of `add_listener`, with a copy of the
+        mapping keyed like `active_pointers`, empty when no canary runs.
+        """
+        self._canary_listeners.append(callback)
+
+    def resolve(
+        self, model: str, pinned: str | None = None, client: str | None = None
+    ) -> PromptVersion | None:
         """Return the version for a request, or None when no pointer applies.
 
-        A `pinned` version wins. Otherwise the model's own pointer applies,
-        and then the default pointer. Raises PromptVersionNotFoundError (param
-        "x-drpo-prompt") for an unknown pinned version, and
-        ServiceUnavailableError when the store cannot be read to fetch it.
+        A `pinned` version wins. Otherwise a model with its own pointer or its
+        own canary follows that pointer key, and every other model the
+        default one. When that key has a canary and `client` is given, the
+        clients whose `canary_bucket` is below the share get the canary's
+        version. The rest get the model's own pointer, else the default.
+
+        Raises PromptVersionNotFoundError (param "x-drpo-prompt") for an
+        unknown pinned version, and ServiceUnavailableError when the store
+        cannot be read to fetch it.
         """
         if pinned is not None:
             return self._fetch_pinned(pinned)
-        versions = self._snapshot.versions
+        snapshot = self._snapshot
+        if client is not None:
+            canary_version = _canary_for(snapshot, model, client)
+            if canary_version is not None:
+                return canary_version
+        versions = snapshot.versions
         return versions.get(model) or versions.get(DEFAULT_MODEL_KEY)
 
     def _fetch_pinned(self, version: str) -> PromptVersion:
@@ -151,13 +199,25 @@ class ActivePrompts:
         self._notify_listeners(snapshot)
 
     def _load_snapshot(self) -> _Snapshot:
-        # The generation is read before the pointers. A change that lands
-        # between the two reads leaves the snapshot with the older generation,
-        # so the next poll loads again instead of missing the change.
+        # The generation is read first. A change that lands between the reads
+        # leaves the snapshot with the older generation, so the next poll
+        # loads again instead of missing the change. The canaries are read
+        # before the pointers: a promotion that lands in between then gives
+        # a snapshot with both the canary and the promoted pointer, which
+        # serve the same version, never the old pointer without the canary.
         generation = self._store.generation()
+        canaries = self._store.canaries()
         pointers = self._store.active_pointers()
         versions = {key: self._fetch(version) for key, version in pointers.items()}
-        return _Snapshot(generation=generation, versions=MappingProxyType(versions))
+        canary_versions = {
+            key: self._fetch(canary.version) for key, canary in canaries.items()
+        }
+        return _Snapshot(
+            generation=generation,
+            versions=MappingProxyType(versions),
+            canaries=MappingProxyType(canaries),
+            canary_versions=MappingProxyType(canary_versions),
+        )
 
     def _fetch(self, version: str) -> PromptVersion:
         record = self._fetched.get(version)
@@ -202,5 +262,20 @@ class ActivePrompts:
                 callback(dict(snapshot.versions))
             except Exception:
                 logger.exception("Prompt store listener %r failed", callback)
+        for canary_callback in self._canary_listeners:
+            try:
+                canary_callback(dict(snapshot.canaries))
+            except Exception:
+                logger.exception("Prompt store listener %r failed", canary_callback)
         if snapshot.generation >= 0:
             logger.debug("Loaded prompt store generation %d", snapshot.generation)
+
+
+def _canary_for(snapshot: _Snapshot, model: str, client: str) -> PromptVersion | None:
+    """Return the canary version `client` gets for `model`, or None for control."""
+    has_own_key = model in snapshot.versions or model in snapshot.canaries
+    key = model if has_own_key else DEFAULT_MODEL_KEY
+    canary = snapshot.canaries.get(key)
+    if canary is None or canary_bucket(canary.version, client) >= canary.share:
+        return None
+    return snapshot.canary_versions[key]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from enum import Enum
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -20,6 +21,43 @@ class StoreError(ConfigurationError):
     """The prompt store cannot be opened or read, or a record in it is corrupt."""
 
 
+class ActivationConflictError(StoreError):
+    """A pointer was not at the version the caller expected, so it was left alone."""
+
+    def __init__(self, model: str | None, expected: str | None, found: str | None):
+        self.model = model
+        self.expected = expected
+        self.found = found
+        target = "the default pointer" if model is None else f"model {model!r}"
+        super().__init__(
+            f"The active version of {target} is {found!r}, not {expected!r} as "
+            "expected: another process changed it first. Reload and retry."
+        )
+
+
+class Canary(BaseModel):
+    """A version served to a consistent share of clients before it is promoted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None
+    """Model whose traffic is split, or None for models on the default pointer."""
+    version: str
+    share: float
+    """Fraction of clients, in (0, 1), whose requests get `version`."""
+    started_at: datetime
+
+
+class Lease(BaseModel):
+    """A named lock with an owner and an expiry, held by a long-running process."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    owner: str
+    expires_at: datetime
+
+
 class ActivationEvent(BaseModel):
     """One change of an active pointer, recorded so that it can be rolled back."""
 
@@ -31,6 +69,15 @@ class ActivationEvent(BaseModel):
     previous: str | None
     """Version of the pointer before the change, or None if it was unset."""
     at: datetime
+
+
+class Unset(Enum):
+    """Type of UNSET, the default of arguments where None is a meaningful value."""
+
+    UNSET = "unset"
+
+
+UNSET = Unset.UNSET
 
 
 def model_key(model: str | None) -> str:
@@ -66,8 +113,59 @@ class PromptStore(Protocol):
         """Return every version, oldest first."""
         ...
 
-    def activate(self, version: str, model: str | None = None) -> None:
-        """Point `model` (the default pointer when None) at `version`."""
+    def activate(
+        self,
+        version: str,
+        model: str | None = None,
+        *,
+        expected: str | Unset | None = UNSET,
+    ) -> None:
+        """Point `model` (the default pointer when None) at `version`.
+
+        With `expected`, the pointer changes only if its own current value
+        (None: unset) is `expected`; otherwise ActivationConflictError is
+        raised and nothing changes. Activating the version of the model's
+        canary also ends that canary, in the same transaction.
+        """
+        ...
+
+    def set_canary(
+        self, version: str, share: float, model: str | None = None
+    ) -> Canary:
+        """Serve `version` to a `share` of the clients of `model` (None: default).
+
+        Replaces an earlier canary of the same pointer, and changes the
+        generation. Raises ValueError when `share` is not strictly between 0
+        and 1 or when `version` is the one the pointer serves now (its own
+        version, else the default's), and PromptVersionNotFoundError for an
+        unknown version.
+        """
+        ...
+
+    def clear_canary(self, model: str | None = None) -> Canary | None:
+        """End the canary of `model`'s pointer and return it, or None if none ran."""
+        ...
+
+    def canaries(self) -> dict[str, Canary]:
+        """Return every running canary, keyed like `active_pointers`."""
+        ...
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> Lease | None:
+        """Take or renew lease `name` for `ttl` seconds.
+
+        Succeeds when the lease is free, expired or already `owner`'s, and
+        returns it; returns None while another owner holds it. Expiry is wall
+        clock time in UTC. Lease changes leave the generation alone, so
+        renewals do not make gateways reload.
+        """
+        ...
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Free lease `name` if `owner` holds it; do nothing otherwise."""
+        ...
+
+    def lease(self, name: str) -> Lease | None:
+        """Return the unexpired holder of lease `name`, or None."""
         ...
 
     def active_version(self, model: str | None = None) -> str | None:
@@ -83,7 +181,10 @@ class PromptStore(Protocol):
         ...
 
     def generation(self) -> int:
-        """Return a counter that increases on every create and activate."""
+        """Return a counter that increases on every change to versions or pointers.
+
+        Canary changes count too, but lease changes do not.
+        """
         ...
 
     def ensure_seeded(self, instruction: Instruction) -> PromptVersion | None:

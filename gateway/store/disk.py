@@ -8,7 +8,7 @@ import math
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,8 +20,13 @@ from gateway.errors import PromptVersionNotFoundError
 from gateway.instruction import Example, Instruction, PromptVersion
 from gateway.store.base import (
     DEFAULT_MODEL_KEY,
+    UNSET,
+    ActivationConflictError,
     ActivationEvent,
+    Canary,
+    Lease,
     StoreError,
+    Unset,
     model_key,
 )
 
@@ -43,8 +48,10 @@ _VERSION_COUNT_KEY = "version-count"
 _HISTORY_COUNT_KEY = "history-count"
 _GENERATION_KEY = "generation"
 _POINTERS_KEY = "pointers"
+_CANARIES_KEY = "canaries"
 
 _POINTERS_ADAPTER = TypeAdapter(dict[str, str])
+_CANARIES_ADAPTER = TypeAdapter(dict[str, Canary])
 
 
 def _version_key(version: str) -> str:
@@ -53,6 +60,10 @@ def _version_key(version: str) -> str:
 
 def _event_key(index: int) -> str:
     return f"history:{index}"
+
+
+def _lease_key(name: str) -> str:
+    return f"lease:{name}"
 
 
 class DiskPromptStore:
@@ -150,45 +161,180 @@ class DiskPromptStore:
             ]
         return [self._parse_version(version, text) for version, text in texts]
 
-    def activate(self, version: str, model: str | None = None) -> None:
+    def activate(
+        self,
+        version: str,
+        model: str | None = None,
+        *,
+        expected: str | Unset | None = UNSET,
+    ) -> None:
         """Point `model` (the default pointer when None) at `version`.
 
-        The pointer, the history event and the generation change in one
-        transaction. Activating the version a pointer already has changes
-        nothing and records no event. Raises ValueError for the model name
-        "*", which is reserved for the default pointer.
+        With `expected`, the pointer changes only if its own value (None:
+        unset), not the default it falls back to, is `expected`; otherwise
+        ActivationConflictError is raised and nothing changes. The check, the
+        pointer, the history event, the end of a canary of `version` on this
+        pointer and the generation share one transaction. Activating the
+        version a pointer already has records no event. Raises ValueError for
+        the model name "*", which is reserved for the default pointer.
         """
-        if model == DEFAULT_MODEL_KEY:
-            raise ValueError(
-                f"Model name {DEFAULT_MODEL_KEY!r} is reserved for the default "
-                "pointer; pass model=None to activate the default."
-            )
+        _check_model_name(model, "activate")
         key = model_key(model)
         with self._errors("write to"), self._cache.transact():
             if not self._contains(version):
                 raise PromptVersionNotFoundError(version)
             pointers = self._read_pointers()
             previous = pointers.get(key)
-            if previous == version:
+            if not isinstance(expected, Unset) and previous != expected:
+                raise ActivationConflictError(model, expected, previous)
+            promoted = self._end_canary_of(key, version)
+            if previous == version and promoted is None:
                 return
-            pointers[key] = version
-            self._append_event(
-                ActivationEvent(
-                    model=model,
-                    version=version,
-                    previous=previous,
-                    at=datetime.now(UTC),
-                )
-            )
-            self._cache.set(_POINTERS_KEY, json.dumps(pointers, sort_keys=True))
+            if previous != version:
+                self._move_pointer(pointers, model, version, previous)
             self._cache.incr(_GENERATION_KEY)
 
         logger.info(
             "Activated prompt version %s for %s (previous %s)",
             version,
-            "the default pointer" if model is None else f"model {model!r}",
+            _describe_pointer(model),
             previous,
         )
+        if promoted is not None:
+            logger.info(
+                "Ended the canary of %s for %s (share %.3g) by activating it",
+                version,
+                _describe_pointer(model),
+                promoted.share,
+            )
+
+    def set_canary(
+        self, version: str, share: float, model: str | None = None
+    ) -> Canary:
+        """Serve `version` to a `share` of the clients of `model` (None: default).
+
+        Replaces an earlier canary of the same pointer. A replacement of the
+        same version keeps its `started_at`, and the clients already in it
+        stay in it while the share grows. Raises ValueError when `share` is
+        not strictly between 0 and 1 or when `version` is the version the
+        pointer serves now, and PromptVersionNotFoundError for an unknown
+        version.
+        """
+        _check_model_name(model, "set the canary of")
+        _check_share(share)
+        key = model_key(model)
+        with self._errors("write to"), self._cache.transact():
+            if not self._contains(version):
+                raise PromptVersionNotFoundError(version)
+            pointers = self._read_pointers()
+            if version == pointers.get(key, pointers.get(DEFAULT_MODEL_KEY)):
+                raise ValueError(
+                    f"Version {version!r} is already active for "
+                    f"{_describe_pointer(model)}, so a canary of it would have "
+                    "nothing to compare with. Choose another version."
+                )
+            canaries = self._read_canaries()
+            earlier = canaries.get(key)
+            started_at = (
+                earlier.started_at
+                if earlier is not None and earlier.version == version
+                else datetime.now(UTC)
+            )
+            canary = Canary(
+                model=model, version=version, share=share, started_at=started_at
+            )
+            canaries[key] = canary
+            self._write_canaries(canaries)
+            self._cache.incr(_GENERATION_KEY)
+
+        logger.info(
+            "Started a canary of %s for %s (share %.3g, replacing %s)",
+            version,
+            _describe_pointer(model),
+            share,
+            earlier.version if earlier is not None else None,
+        )
+        return canary
+
+    def clear_canary(self, model: str | None = None) -> Canary | None:
+        """End the canary of `model`'s pointer and return it, or None if none ran."""
+        key = model_key(model)
+        with self._errors("write to"), self._cache.transact():
+            canaries = self._read_canaries()
+            ended = canaries.pop(key, None)
+            if ended is None:
+                return None
+            self._write_canaries(canaries)
+            self._cache.incr(_GENERATION_KEY)
+
+        logger.info(
+            "Ended the canary of %s for %s", ended.version, _describe_pointer(model)
+        )
+        return ended
+
+    def canaries(self) -> dict[str, Canary]:
+        """Return every running canary, keyed like `active_pointers`."""
+        with self._errors("read"):
+            return self._read_canaries()
+
+    def acquire_lease(self, name: str, owner: str, ttl: float) -> Lease | None:
+        """Take or renew lease `name` for `ttl` seconds of wall-clock time.
+
+        Succeeds when the lease is free, expired or already `owner`'s, and
+        returns it; returns None while another owner holds it. The check and
+        the write share one transaction, so two processes never both get it.
+        The generation does not change, so renewals do not make gateways
+        reload. Raises ValueError for an empty name or owner, or a `ttl` that
+        is not a positive number.
+        """
+        _check_lease_request(name, owner, ttl)
+        with self._errors("write to"), self._cache.transact():
+            now = datetime.now(UTC)
+            current = self._read_lease(name)
+            if (
+                current is not None
+                and current.owner != owner
+                and current.expires_at > now
+            ):
+                return None
+            lease = Lease(
+                name=name, owner=owner, expires_at=now + timedelta(seconds=ttl)
+            )
+            self._cache.set(_lease_key(name), lease.model_dump_json())
+
+        if current is not None and current.owner == owner:
+            logger.debug(
+                "Renewed lease %r for %r until %s",
+                name,
+                owner,
+                lease.expires_at.isoformat(),
+            )
+        else:
+            logger.info(
+                "Lease %r taken by %r until %s (previous holder %r)",
+                name,
+                owner,
+                lease.expires_at.isoformat(),
+                current.owner if current is not None else None,
+            )
+        return lease
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Free lease `name` if `owner` holds it; do nothing otherwise."""
+        with self._errors("write to"), self._cache.transact():
+            current = self._read_lease(name)
+            if current is None or current.owner != owner:
+                return
+            self._cache.delete(_lease_key(name))
+        logger.info("Lease %r released by %r", name, owner)
+
+    def lease(self, name: str) -> Lease | None:
+        """Return the unexpired holder of lease `name`, or None."""
+        with self._errors("read"):
+            current = self._read_lease(name)
+        if current is None or current.expires_at <= datetime.now(UTC):
+            return None
+        return current
 
     def active_version(self, model: str | None = None) -> str | None:
         """Return the version `model` is served: its own pointer, else the default."""
@@ -215,7 +361,10 @@ class DiskPromptStore:
         return [event for event in events if event.model == model]
 
     def generation(self) -> int:
-        """Return a counter that increases on every create and activate."""
+        """Return a counter that increases on every change to versions or pointers.
+
+        Canary changes count too, but lease changes do not.
+        """
         with self._errors("read"):
             return self._read_counter(_GENERATION_KEY)
 
@@ -276,6 +425,52 @@ class DiskPromptStore:
         except ValidationError as error:
             raise self._corrupt("the active pointers", _first_problem(error)) from None
 
+    def _read_canaries(self) -> dict[str, Canary]:
+        text = self._cache.get(_CANARIES_KEY)
+        if text is None:
+            return {}
+        try:
+            return _CANARIES_ADAPTER.validate_json(text)
+        except ValidationError as error:
+            raise self._corrupt("the canaries", _first_problem(error)) from None
+
+    def _write_canaries(self, canaries: dict[str, Canary]) -> None:
+        self._cache.set(_CANARIES_KEY, _CANARIES_ADAPTER.dump_json(canaries).decode())
+
+    def _end_canary_of(self, key: str, version: str) -> Canary | None:
+        """Remove and return the canary of pointer `key` if it serves `version`."""
+        canaries = self._read_canaries()
+        canary = canaries.get(key)
+        if canary is None or canary.version != version:
+            return None
+        del canaries[key]
+        self._write_canaries(canaries)
+        return canary
+
+    def _move_pointer(
+        self,
+        pointers: dict[str, str],
+        model: str | None,
+        version: str,
+        previous: str | None,
+    ) -> None:
+        pointers[model_key(model)] = version
+        self._append_event(
+            ActivationEvent(
+                model=model, version=version, previous=previous, at=datetime.now(UTC)
+            )
+        )
+        self._cache.set(_POINTERS_KEY, json.dumps(pointers, sort_keys=True))
+
+    def _read_lease(self, name: str) -> Lease | None:
+        text = self._cache.get(_lease_key(name))
+        if text is None:
+            return None
+        try:
+            return Lease.model_validate_json(text)
+        except ValidationError as error:
+            raise self._corrupt(f"lease {name!r}", _first_problem(error)) from None
+
     def _append_event(self, event: ActivationEvent) -> None:
         index = self._cache.incr(_HISTORY_COUNT_KEY)
         self._cache.set(_event_key(index), event.model_dump_json())
@@ -314,6 +509,38 @@ class DiskPromptStore:
             f"cannot be read because {problem}. Restore the directory from a "
             "backup, or export the readable versions with `drpo-gateway prompts "
             "export VERSION ...` and import them into a new directory."
+        )
+
+
+def _describe_pointer(model: str | None) -> str:
+    return "the default pointer" if model is None else f"model {model!r}"
+
+
+def _check_model_name(model: str | None, action: str) -> None:
+    if model == DEFAULT_MODEL_KEY:
+        raise ValueError(
+            f"Model name {DEFAULT_MODEL_KEY!r} is reserved for the default "
+            f"pointer; pass model=None to {action} the default."
+        )
+
+
+def _check_share(share: float) -> None:
+    # The negated comparison also rejects NaN.
+    if not 0.0 < share < 1.0:
+        raise ValueError(
+            f"Canary share {share!r} is invalid: it must be strictly between 0 "
+            "and 1, such as 0.1 for 10% of clients."
+        )
+
+
+def _check_lease_request(name: str, owner: str, ttl: float) -> None:
+    if not name or not owner:
+        raise ValueError(
+            f"Lease name {name!r} and owner {owner!r} must both be non-empty."
+        )
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise ValueError(
+            f"Lease time-to-live {ttl!r} is invalid: pass a positive number of seconds."
         )
 
 

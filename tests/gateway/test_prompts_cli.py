@@ -226,6 +226,7 @@ def test_activate_json_reports_change(
         "version": "v2",
         "previous": "v1",
         "changed": True,
+        "ended_canary": None,
     }
     assert unchanged["changed"] is False
     assert store.active_version() == "v2"
@@ -493,3 +494,220 @@ def test_no_arguments_prints_help(runner: CliRunner) -> None:
 
     for command in ("list", "show", "activate", "import", "export"):
         assert command in result.output
+
+
+# canary
+
+
+def test_canary_starts_for_default_pointer(
+    runner: CliRunner, data_dir: Path, store: DiskPromptStore
+) -> None:
+    store.create("candidate", [])
+
+    result = invoke(runner, data_dir, "canary", "v2", "--share", "0.1")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        "Started a canary of v2 for the default pointer: 10% of clients get it, "
+        "the others get v1.\n"
+    )
+    canary = store.canaries()["*"]
+    assert canary.version == "v2"
+    assert canary.share == 0.1
+    assert store.active_version() == "v1"
+
+
+def test_canary_json_for_model_pointer(
+    runner: CliRunner, data_dir: Path, store: DiskPromptStore
+) -> None:
+    store.create("candidate", [])
+
+    started = invoke_json(
+        runner,
+        data_dir,
+        "canary",
+        "v2",
+        "--share",
+        "0.25",
+        "--model",
+        "gemma",
+        "--json",
+    )
+
+    assert started["model"] == "gemma"
+    assert started["version"] == "v2"
+    assert started["share"] == 0.25
+    assert started["active"] == "v1"
+    assert started["replaced"] is None
+    assert "started_at" in started
+    assert list(store.canaries()) == ["gemma"]
+
+
+def test_canary_replacement_names_earlier_canary(
+    runner: CliRunner, data_dir: Path, store: DiskPromptStore
+) -> None:
+    store.create("candidate", [])
+    store.create("other", [])
+    store.set_canary("v2", 0.1)
+
+    grown = invoke(runner, data_dir, "canary", "v2", "--share", "0.5")
+    replaced = invoke(runner, data_dir, "canary", "v3", "--share", "0.2")
+
+    assert grown.exit_code == 0, grown.output
+    assert "now serves 50% of clients (was 10%)" in grown.stdout
+    assert replaced.exit_code == 0, replaced.output
+    assert "It replaces the canary of v2 (50% of clients)." in replaced.stdout
+    assert store.canaries()["*"].version == "v3"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("v2", "--share", "1.5"), "strictly between 0 and 1"),
+        (("v2", "--share", "0"), "strictly between 0 and 1"),
+        (("v9", "--share", "0.1"), "'v9' does not exist"),
+        (("v1", "--share", "0.1"), "already active"),
+        (("v2",), "Missing --share"),
+        (("--share", "0.1"), "Missing VERSION"),
+        (("v2", "--stop"), "--stop ends the running canary"),
+        (("--stop",), "No canary is running for the default pointer"),
+        (("--stop", "--model", "gemma"), "No canary is running for model 'gemma'"),
+    ],
+    ids=[
+        "share-above-one",
+        "share-zero",
+        "unknown-version",
+        "active-version",
+        "missing-share",
+        "missing-version",
+        "stop-with-version",
+        "stop-without-canary",
+        "stop-model-without-canary",
+    ],
+)
+def test_canary_invalid_request_exits_1(
+    runner: CliRunner,
+    data_dir: Path,
+    store: DiskPromptStore,
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    store.create("candidate", [])
+
+    result = invoke(runner, data_dir, "canary", *args)
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ")
+    assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stdout == ""
+    assert store.canaries() == {}
+
+
+def test_canary_stop_prints_ended_canary(
+    runner: CliRunner, data_dir: Path, store: DiskPromptStore
+) -> None:
+    store.create("candidate", [])
+    store.set_canary("v2", 0.1)
+
+    result = invoke(runner, data_dir, "canary", "--stop")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        "Ended the canary of v2 for the default pointer (10% of clients); "
+        "every client gets v1 again.\n"
+    )
+    assert store.canaries() == {}
+
+
+def test_canary_stop_json_for_model(
+    runner: CliRunner, data_dir: Path, store: DiskPromptStore
+) -> None:
+    store.create("candidate", [])
+    store.set_canary("v2", 0.1)
+    store.set_canary("v2", 0.3, model="gemma")
+
+    ended = invoke_json(
+        runner, data_dir, "canary", "--stop", "--model", "gemma", "--json"
+    )
+
+    assert ended["model"] == "gemma"
+    assert ended["version"] == "v2"
+    assert ended["share"] == 0.3
+    assert ended["active"] == "v1"
+    assert list(store.canaries()) == ["*"]
+
+
+def test_activate_canary_version_reports_promotion(
+    runner: CliRunner, data_dir: Path, store: DiskPromptStore
+) -> None:
+    store.create("candidate", [])
+    store.set_canary("v2", 0.1)
+
+    result = invoke(runner, data_dir, "activate", "v2")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "The default pointer now points at v2 (previously v1).",
+        "Ended the canary of v2 (10% of clients); every client gets it now.",
+    ]
+    assert store.canaries() == {}
+
+
+def test_activate_json_names_ended_canary(
+    runner: CliRunner, data_dir: Path, store: DiskPromptStore
+) -> None:
+    store.create("candidate", [])
+    store.set_canary("v2", 0.1)
+
+    activated = invoke_json(runner, data_dir, "activate", "v2", "--json")
+
+    assert activated["ended_canary"]["version"] == "v2"
+    assert activated["ended_canary"]["share"] == 0.1
+
+
+def test_list_marks_canary_version(
+    runner: CliRunner, data_dir: Path, store: DiskPromptStore
+) -> None:
+    store.create("candidate", [])
+    store.set_canary("v2", 0.1)
+    store.set_canary("v2", 0.05, model="gemma")
+
+    table = invoke(runner, data_dir, "list")
+    rows = invoke_json(runner, data_dir, "list", "--json")
+
+    lines = table.stdout.splitlines()
+    assert table.exit_code == 0, table.output
+    assert lines[2].startswith("v2")
+    assert "default (canary 10%),gemma (canary 5%)" in lines[2]
+    assert "canary" not in lines[1]
+    assert rows[0]["canary_for"] == {}
+    assert rows[1]["canary_for"] == {"*": 0.1, "gemma": 0.05}
+    assert rows[1]["active_for"] == []
+
+
+def test_show_names_canary_on_stderr(
+    runner: CliRunner, data_dir: Path, store: DiskPromptStore
+) -> None:
+    store.create("candidate", [])
+    store.set_canary("v2", 0.1)
+
+    canary = invoke(runner, data_dir, "show", "v2")
+    active = invoke(runner, data_dir, "show", "active", "--model", "llama")
+    plain = invoke(runner, data_dir, "show", "v1")
+
+    assert json.loads(canary.stdout)["version"] == "v2"
+    assert canary.stderr == (
+        "Note: v2 is the canary of the default pointer, served to 10% of its clients.\n"
+    )
+    assert json.loads(active.stdout)["version"] == "v1"
+    assert "a canary of v2 runs for the default pointer" in active.stderr
+    assert plain.stderr == ""
+
+
+def test_help_lists_canary_command(runner: CliRunner) -> None:
+    result = runner.invoke(prompts_app, ["canary", "--help"])
+
+    assert result.exit_code == 0
+    assert "--share" in result.output
+    assert "--stop" in result.output

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +22,7 @@ import gateway
 from gateway.errors import PromptVersionNotFoundError, ServiceUnavailableError
 from gateway.instruction import Example, Instruction, PromptVersion
 from gateway.store import (
+    ActivationConflictError,
     ActivationEvent,
     ActivePrompts,
     DiskPromptStore,
@@ -287,6 +290,275 @@ def test_activation_event_is_frozen() -> None:
 
     with pytest.raises(ValueError):
         event.version = "v2"  # type: ignore[misc]
+
+
+# DiskPromptStore: compare-and-set activation
+
+
+def test_activate_expected_match_changes_pointer(store: DiskPromptStore) -> None:
+    store.create("a", [])
+    store.create("b", [])
+    store.activate("v1")
+
+    store.activate("v2", expected="v1")
+
+    assert store.active_version() == "v2"
+    assert [event.version for event in store.history()] == ["v1", "v2"]
+
+
+def test_activate_expected_mismatch_changes_nothing(store: DiskPromptStore) -> None:
+    for text in ("a", "b", "c"):
+        store.create(text, [])
+    store.activate("v2")
+    generation = store.generation()
+
+    with pytest.raises(ActivationConflictError) as caught:
+        store.activate("v3", expected="v1")
+
+    assert store.active_pointers() == {"*": "v2"}
+    assert store.generation() == generation
+    assert len(store.history()) == 1
+    assert caught.value.expected == "v1"
+    assert caught.value.found == "v2"
+    assert caught.value.model is None
+    assert isinstance(caught.value, StoreError)
+
+
+def test_activate_expected_none_means_unset(store: DiskPromptStore) -> None:
+    store.create("default", [])
+    store.create("gemma", [])
+    store.activate("v1")
+
+    store.activate("v2", model="gemma", expected=None)
+    with pytest.raises(ActivationConflictError) as caught:
+        store.activate("v1", model="gemma", expected=None)
+
+    assert caught.value.found == "v2"
+    assert store.active_pointers() == {"*": "v1", "gemma": "v2"}
+
+
+def test_activate_expected_ignores_default_fallback(store: DiskPromptStore) -> None:
+    store.create("default", [])
+    store.create("gemma", [])
+    store.activate("v1")
+
+    with pytest.raises(ActivationConflictError) as caught:
+        store.activate("v2", model="gemma", expected="v1")
+
+    assert caught.value.found is None
+    assert caught.value.model == "gemma"
+    assert store.active_pointers() == {"*": "v1"}
+
+
+def test_activate_expected_conflict_on_same_version(store: DiskPromptStore) -> None:
+    store.create("a", [])
+    store.activate("v1")
+
+    with pytest.raises(ActivationConflictError):
+        store.activate("v1", expected=None)
+
+
+def test_concurrent_expected_activations_one_wins(store_dir: Path) -> None:
+    DiskPromptStore(store_dir).close()
+    stores = [DiskPromptStore(store_dir) for _ in range(2)]
+    stores[0].create("base", [])
+    stores[0].activate("v1")
+    rounds = 20
+    barrier = threading.Barrier(len(stores))
+    outcomes: list[list[str]] = [[] for _ in range(rounds)]
+
+    def publish(store: DiskPromptStore) -> None:
+        for index in range(rounds):
+            candidate = store.create(f"candidate {index}", []).version
+            barrier.wait(timeout=30)
+            current = store.active_version()
+            barrier.wait(timeout=30)
+            try:
+                store.activate(candidate, expected=current)
+            except ActivationConflictError:
+                outcomes[index].append("conflict")
+            else:
+                outcomes[index].append("published")
+
+    threads = [threading.Thread(target=publish, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for opened in stores:
+        opened.close()
+
+    assert all(sorted(pair) == ["conflict", "published"] for pair in outcomes)
+
+
+# DiskPromptStore: canaries
+
+
+def test_set_canary_stores_canary(store: DiskPromptStore) -> None:
+    store.create("base", [])
+    store.create("candidate", [])
+    store.activate("v1")
+    generation = store.generation()
+    before = datetime.now(UTC)
+
+    canary = store.set_canary("v2", 0.1)
+
+    assert canary.model is None
+    assert canary.version == "v2"
+    assert canary.share == 0.1
+    assert canary.started_at >= before
+    assert store.canaries() == {"*": canary}
+    assert store.generation() > generation
+    assert store.active_version() == "v1"
+
+
+def test_model_canary_keyed_by_model(store: DiskPromptStore) -> None:
+    store.create("base", [])
+    store.create("candidate", [])
+    store.activate("v1")
+
+    canary = store.set_canary("v2", 0.5, model="gemma")
+
+    assert canary.model == "gemma"
+    assert store.canaries() == {"gemma": canary}
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, -0.5, 1.5, math.nan, math.inf])
+def test_set_canary_invalid_share_raises(store: DiskPromptStore, share: float) -> None:
+    store.create("base", [])
+    store.create("candidate", [])
+    store.activate("v1")
+    generation = store.generation()
+
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        store.set_canary("v2", share)
+
+    assert store.canaries() == {}
+    assert store.generation() == generation
+
+
+def test_set_canary_unknown_version_raises(store: DiskPromptStore) -> None:
+    store.create("base", [])
+    store.activate("v1")
+
+    with pytest.raises(PromptVersionNotFoundError):
+        store.set_canary("v9", 0.1)
+
+    assert store.canaries() == {}
+
+
+def test_set_canary_active_version_raises(store: DiskPromptStore) -> None:
+    store.create("base", [])
+    store.create("gemma", [])
+    store.activate("v1")
+    store.activate("v2", model="gemma")
+
+    with pytest.raises(ValueError, match="already active"):
+        store.set_canary("v1", 0.1)
+    with pytest.raises(ValueError, match="already active"):
+        store.set_canary("v1", 0.1, model="llama")
+    with pytest.raises(ValueError, match="already active"):
+        store.set_canary("v2", 0.1, model="gemma")
+
+    assert store.canaries() == {}
+
+
+def test_set_canary_reserved_model_name_raises(store: DiskPromptStore) -> None:
+    store.create("base", [])
+    store.create("candidate", [])
+
+    with pytest.raises(ValueError, match="reserved"):
+        store.set_canary("v2", 0.1, model="*")
+
+
+def test_set_canary_same_version_keeps_start(store: DiskPromptStore) -> None:
+    for text in ("base", "candidate", "other"):
+        store.create(text, [])
+    store.activate("v1")
+
+    first = store.set_canary("v2", 0.1)
+    grown = store.set_canary("v2", 0.5)
+    replaced = store.set_canary("v3", 0.2)
+
+    assert grown.started_at == first.started_at
+    assert grown.share == 0.5
+    assert replaced.started_at > first.started_at
+    assert store.canaries() == {"*": replaced}
+
+
+def test_clear_canary_returns_ended_canary(store: DiskPromptStore) -> None:
+    store.create("base", [])
+    store.create("candidate", [])
+    store.activate("v1")
+    canary = store.set_canary("v2", 0.1)
+    generation = store.generation()
+
+    ended = store.clear_canary()
+    again = store.clear_canary()
+
+    assert ended == canary
+    assert again is None
+    assert store.canaries() == {}
+    assert store.generation() == generation + 1
+
+
+def test_activate_canary_version_ends_canary(store: DiskPromptStore) -> None:
+    store.create("base", [])
+    store.create("candidate", [])
+    store.activate("v1")
+    store.set_canary("v2", 0.1)
+    store.set_canary("v2", 0.3, model="gemma")
+    generation = store.generation()
+
+    store.activate("v2", expected="v1")
+
+    assert store.active_version() == "v2"
+    assert list(store.canaries()) == ["gemma"]
+    assert store.generation() == generation + 1
+    assert store.history()[-1].previous == "v1"
+
+
+def test_activate_other_version_keeps_canary(store: DiskPromptStore) -> None:
+    for text in ("base", "candidate", "other"):
+        store.create(text, [])
+    store.activate("v1")
+    canary = store.set_canary("v2", 0.1)
+
+    store.activate("v3")
+
+    assert store.canaries() == {"*": canary}
+
+
+def test_conflicting_activation_keeps_canary(store: DiskPromptStore) -> None:
+    store.create("base", [])
+    store.create("candidate", [])
+    store.activate("v1")
+    canary = store.set_canary("v2", 0.1)
+
+    with pytest.raises(ActivationConflictError):
+        store.activate("v2", expected="v7")
+
+    assert store.canaries() == {"*": canary}
+    assert store.active_version() == "v1"
+
+
+def test_canaries_survive_reopening(store_dir: Path) -> None:
+    with DiskPromptStore(store_dir) as first:
+        first.create("base", [])
+        first.create("candidate", [])
+        first.activate("v1")
+        canary = first.set_canary("v2", 0.25)
+
+    with DiskPromptStore(store_dir) as second:
+        assert second.canaries() == {"*": canary}
+
+
+def test_corrupt_canaries_raise_store_error(store: DiskPromptStore) -> None:
+    with diskcache.Cache(str(store.directory)) as raw:
+        raw.set("canaries", '{"*": {"version": 3}}')
+
+    with pytest.raises(StoreError, match="canaries"):
+        store.canaries()
 
 
 # DiskPromptStore: seeding and several processes
