@@ -18,6 +18,7 @@ from gateway.prompts_cli import prompts_app
 from gateway.settings import Engine, InjectionMode, Settings, load_settings
 from gateway.upstream import UpstreamTarget
 from optimizer.cli import optimize
+from optimizer.sidecar_cli import optimizer as sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(prompts_app, name="prompts")
 app.command("optimize")(optimize)
+app.command("optimizer")(sidecar)
 
 ConfigOption = Annotated[
     Path | None,

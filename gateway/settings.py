@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from gateway.errors import ConfigurationError
+from optimizer.sidecar.settings import OptimizerSettings
 
 
 class Engine(StrEnum):
@@ -189,6 +190,11 @@ class Settings(BaseSettings):
         None, description="Seed of the sampling decision, for reproducible tests."
     )
 
+    optimizer: OptimizerSettings = Field(
+        default_factory=OptimizerSettings,
+        description="Settings of the `drpo-gateway optimizer` sidecar.",
+    )
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -282,9 +288,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 def _describe_problem(item: Any) -> str:
     location = item["loc"]
     if item["type"] == "extra_forbidden" and location:
+        name = ".".join(str(part) for part in location)
         return (
-            f"unknown setting {str(location[0])!r} (YAML keys are the lower-case "
-            "names of the README's settings table, such as 'port')"
+            f"unknown setting {name!r} (YAML keys are the lower-case "
+            "names of the README's settings table, such as 'port' or "
+            "'optimizer: {interval: 600}')"
         )
     return f"{_setting_name(location)}: {item['msg']}"
 

@@ -13,21 +13,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
-import httpx
 import typer
 
 from gateway.errors import ConfigurationError
 from gateway.modes import ModeResolver
-from gateway.settings import Engine, InjectionMode, Settings, load_settings
+from gateway.settings import InjectionMode, Settings, load_settings
 from gateway.store import DiskPromptStore
 from optimizer.client import Budget, Endpoint, ModelClient
 from optimizer.errors import OptimizerError
-from optimizer.roles import RoleSet
 from optimizer.run import (
     RunOutcome,
     RunSettings,
+    cache_name,
+    first_model,
+    fit_search_to_queries,
     projected_calls,
     publish,
+    resolve_roles,
     run_optimization,
 )
 from optimizer.search import SearchSettings
@@ -192,7 +194,7 @@ def optimize(
         import random
 
         queries = random.Random(seed).sample(queries, max_queries)
-        search = _fit_to_queries(search, max_queries)
+        search = fit_search_to_queries(search, max_queries)
     plan = _Plan(
         settings=settings, search=search, queries=queries, examples=examples,
         helpers=(helpers, helpers_model), judge=(judge, judge_model),
@@ -249,16 +251,16 @@ class _Plan:
         initial = parent.instruction if parent else load_default_instruction()
 
         async with upstream_target(self.settings) as target:
-            model = self.settings.model or await _first_model(
+            model = self.settings.model or await first_model(
                 target.base_url, target.api_key
             )
             target_endpoint = Endpoint(
                 target.base_url,
                 model,
                 target.api_key,
-                cache_name=_cache_name(self.settings, model),
+                cache_name=cache_name(self.settings, model),
             )
-            roles = await self._roles(target_endpoint)
+            roles = await resolve_roles(target_endpoint, self.helpers, self.judge)
             run_settings = RunSettings(
                 roles=roles,
                 mode=ModeResolver(self.settings, target.default_mode)(model),
@@ -301,22 +303,6 @@ class _Plan:
                 f"Prompt version {version.version} {state} (parent {version.parent})."
             )
         store.close()
-
-    async def _roles(self, target: Endpoint) -> RoleSet:
-        roles = RoleSet.single(target)
-        url, model = self.helpers
-        if url:
-            roles = roles.with_helpers(
-                await _endpoint(url, model, "DRPO_HELPERS_API_KEY")
-            )
-        url, model = self.judge
-        if url:
-            from dataclasses import replace
-
-            roles = replace(
-                roles, judge=await _endpoint(url, model, "DRPO_JUDGE_API_KEY")
-            )
-        return roles
 
     def _run_facts(self, settings: RunSettings, started: datetime) -> dict[str, Any]:
         """Return the run facts the record lacks: roles, mode, start and duration."""
@@ -385,47 +371,6 @@ async def _cancel_other_tasks() -> None:
     await asyncio.gather(*others, return_exceptions=True)
 
 
-def _cache_name(settings: Settings, model: str) -> str | None:
-    """Name the embedded engine in cache keys, because its port changes every run."""
-    if settings.engine is not Engine.EMBEDDED:
-        return None
-    path = settings.embedded_model_path
-    return f"embedded:{path.name if path else 'gemma3-270m-q4-k-m'}:{model}"
-
-
-async def _endpoint(url: str, model: str | None, key_variable: str) -> Endpoint:
-    import os
-
-    key = os.environ.get(key_variable) or None
-    url = url.rstrip("/")
-    return Endpoint(url, model or await _first_model(url, key), key)
-
-
-async def _first_model(base_url: str, api_key: str | None) -> str:
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            response = await client.get(base_url + "/models", headers=headers)
-            response.raise_for_status()
-            return str(response.json()["data"][0]["id"])
-    except httpx.TransportError as error:
-        raise OptimizerError(
-            f"Could not connect to {base_url}: {error}. Check that the server is "
-            "running and that the URL, with http:// and the /v1 prefix, is right."
-        ) from None
-    except httpx.HTTPStatusError as error:
-        raise OptimizerError(
-            f"{base_url}/models returned HTTP {error.response.status_code}. Check "
-            "that the URL is the API base, which usually ends with /v1, or pass "
-            "the model name with --model (or --helpers-model / --judge-model)."
-        ) from None
-    except (KeyError, IndexError, ValueError) as error:
-        raise OptimizerError(
-            f"Could not read the model list of {base_url}: {error!r}. Pass the "
-            "model name with --model (or --helpers-model / --judge-model)."
-        ) from None
-
-
 @contextlib.contextmanager
 def _progress(client: ModelClient, projected: int) -> Iterator[None]:
     """Show calls against the projection: a rich bar on a terminal, else log lines."""
@@ -466,15 +411,6 @@ async def _report_progress(
             "Progress: %d calls, %d cache hits of at most %d, %.0f s",
             calls, hits, projected, time.monotonic() - started,
         )  # fmt: skip
-
-
-def _fit_to_queries(search: SearchSettings, count: int) -> SearchSettings:
-    from dataclasses import replace
-
-    heldout = max(1, min(search.heldout_size, count // 3))
-    return replace(
-        search, heldout_size=heldout, batch_size=min(search.batch_size, count - heldout)
-    )
 
 
 def _strategy(value: str) -> Literal["improved", "faithful"]:

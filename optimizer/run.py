@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from gateway.instruction import Example, Instruction, PromptVersion
 from gateway.prompting import PromptBuilder
-from gateway.settings import InjectionMode
+from gateway.settings import Engine, InjectionMode, Settings
 from gateway.store import PromptStore
-from optimizer.client import Budget, ModelClient
+from optimizer.client import Budget, Endpoint, ModelClient
+from optimizer.errors import OptimizerError
 from optimizer.evaluate import Evaluator
 from optimizer.judge import LLMJudge
 from optimizer.proposer import LLMProposer
@@ -103,24 +107,11 @@ async def run_optimization(
     client: ModelClient,
 ) -> RunOutcome:
     """Refine the examples (stage 1), search the system prompt (stage 2), record."""
-    roles = settings.roles
-    evaluator = Evaluator(
-        GatewayTarget(
-            client,
-            roles.target,
-            settings.mode,
-            PromptBuilder(),
-            max_tokens=settings.target_max_tokens,
-        ),
-        LLMAspectSelector(
-            client, roles.selector, max_tokens=_capped(512, settings.helper_max_tokens)
-        ),
-        LLMJudge(
-            client, roles.judge, max_tokens=_capped(1024, settings.helper_max_tokens)
-        ),
-    )
+    evaluator = build_evaluator(settings, client)
     proposer = LLMProposer(
-        client, roles.optimizer, max_tokens=_capped(2048, settings.helper_max_tokens)
+        client,
+        settings.roles.optimizer,
+        max_tokens=_capped(2048, settings.helper_max_tokens),
     )
 
     stage1: list[ExampleResult] = []
@@ -161,6 +152,38 @@ async def run_optimization(
     return RunOutcome(record, instruction)
 
 
+def build_evaluator(settings: RunSettings, client: ModelClient) -> Evaluator:
+    """Return the evaluator of a run: its target, aspect selector and judge."""
+    roles = settings.roles
+    return Evaluator(
+        GatewayTarget(
+            client,
+            roles.target,
+            settings.mode,
+            PromptBuilder(),
+            max_tokens=settings.target_max_tokens,
+        ),
+        LLMAspectSelector(
+            client, roles.selector, max_tokens=_capped(512, settings.helper_max_tokens)
+        ),
+        LLMJudge(
+            client, roles.judge, max_tokens=_capped(1024, settings.helper_max_tokens)
+        ),
+    )
+
+
+def fit_search_to_queries(search: SearchSettings, count: int) -> SearchSettings:
+    """Shrink the held-out share and batch of `search` to fit `count` queries.
+
+    At most a third of the queries is held out, at least one, and the batch
+    takes at most the rest, as the improved search needs both.
+    """
+    heldout = max(1, min(search.heldout_size, count // 3))
+    return replace(
+        search, heldout_size=heldout, batch_size=min(search.batch_size, count - heldout)
+    )
+
+
 def publish(
     store: PromptStore,
     outcome: RunOutcome,
@@ -196,6 +219,75 @@ def publish(
     if activate:
         store.activate(version.version, activate_for)
     return version
+
+
+async def resolve_roles(
+    target: Endpoint,
+    helpers: tuple[str | None, str | None] = (None, None),
+    judge: tuple[str | None, str | None] = (None, None),
+) -> RoleSet:
+    """Return the roles of a run: `target` everywhere, then helpers, then the judge.
+
+    `helpers` and `judge` are (base URL, model) pairs; a URL of None keeps the
+    role on `target`, and a model of None takes the first the server lists.
+    Their API keys come from DRPO_HELPERS_API_KEY and DRPO_JUDGE_API_KEY.
+    """
+    roles = RoleSet.single(target)
+    url, model = helpers
+    if url:
+        roles = roles.with_helpers(
+            await keyed_endpoint(url, model, "DRPO_HELPERS_API_KEY")
+        )
+    url, model = judge
+    if url:
+        roles = replace(
+            roles, judge=await keyed_endpoint(url, model, "DRPO_JUDGE_API_KEY")
+        )
+    return roles
+
+
+async def keyed_endpoint(url: str, model: str | None, key_variable: str) -> Endpoint:
+    """Return the endpoint at `url` with its key from the variable `key_variable`."""
+    key = os.environ.get(key_variable) or None
+    url = url.rstrip("/")
+    return Endpoint(url, model or await first_model(url, key), key)
+
+
+async def first_model(base_url: str, api_key: str | None) -> str:
+    """Return the first model that `base_url`/models lists.
+
+    Raises OptimizerError when the server cannot be reached or lists none.
+    """
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(base_url + "/models", headers=headers)
+            response.raise_for_status()
+            return str(response.json()["data"][0]["id"])
+    except httpx.TransportError as error:
+        raise OptimizerError(
+            f"Could not connect to {base_url}: {error}. Check that the server is "
+            "running and that the URL, with http:// and the /v1 prefix, is right."
+        ) from None
+    except httpx.HTTPStatusError as error:
+        raise OptimizerError(
+            f"{base_url}/models returned HTTP {error.response.status_code}. Check "
+            "that the URL is the API base, which usually ends with /v1, or pass "
+            "the model name with --model (or --helpers-model / --judge-model)."
+        ) from None
+    except (KeyError, IndexError, ValueError) as error:
+        raise OptimizerError(
+            f"Could not read the model list of {base_url}: {error!r}. Pass the "
+            "model name with --model (or --helpers-model / --judge-model)."
+        ) from None
+
+
+def cache_name(settings: Settings, model: str) -> str | None:
+    """Name the embedded engine in cache keys, because its port changes every run."""
+    if settings.engine is not Engine.EMBEDDED:
+        return None
+    path = settings.embedded_model_path
+    return f"embedded:{path.name if path else 'gemma3-270m-q4-k-m'}:{model}"
 
 
 def _capped(default: int, cap: int | None) -> int:

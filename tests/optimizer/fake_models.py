@@ -13,8 +13,10 @@ Each role has a handler, a plain function of the request body that returns a
 response body (dict), the text of a reply (str, wrapped into a chat or text
 completion) or a `FakeReply` (status, body, delay). The defaults give sane
 answers: two aspects per query, a score of 4 on each requested aspect, `n`
-distinct prompts, and a short answer. The server records every request and
-the maximum number of requests in flight at once.
+distinct prompts, and a short answer. A request with ``"stream": true`` gets
+the reply's text as server-sent events, and GET /v1/models lists one model.
+The server records every request and the maximum number of requests in
+flight at once.
 """
 
 from __future__ import annotations
@@ -23,21 +25,29 @@ import asyncio
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from optimizer.client import Endpoint
 from optimizer.judge import SCORES_SCHEMA_NAME
 from optimizer.proposer import PROMPTS_SCHEMA_NAME, REWRITER_SYSTEM_PROMPT
 from optimizer.selector import SELECTION_SCHEMA_NAME
-from tests.fakes.upstream import USAGE, ServerThread, chat_body, completion_body
+from tests.fakes.upstream import (
+    USAGE,
+    ServerThread,
+    chat_body,
+    chat_events,
+    completion_body,
+    completion_events,
+)
 
 ROLES = ("selector", "judge", "optimizer", "target")
 FAKE_MODEL = "fake-model"
@@ -175,6 +185,9 @@ class FakeModels:
     target: Handler = default_target
     delay: float = 0.0
     """Seconds every reply waits unless its FakeReply sets a delay."""
+    stream_hold: threading.Event | None = None
+    """When given, a streamed reply sends its first word, then waits for this
+    event before it sends the rest."""
     calls: list[Call] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -193,7 +206,12 @@ class FakeModels:
 
     def start(self) -> FakeModels:
         self._server = ServerThread(
-            Starlette(routes=[Route("/v1/{path:path}", self._handle, methods=["POST"])])
+            Starlette(
+                routes=[
+                    Route("/v1/models", self._models, methods=["GET"]),
+                    Route("/v1/{path:path}", self._handle, methods=["POST"]),
+                ]
+            )
         )
         self.port = self._server.start()
         return self
@@ -230,7 +248,33 @@ class FakeModels:
                 await asyncio.sleep(delay)
         finally:
             self.in_flight -= 1
+        if body.get("stream") and reply.status == 200:
+            return StreamingResponse(
+                self._stream(path, reply_text(reply.body)),
+                media_type="text/event-stream",
+            )
         return JSONResponse(reply.body, reply.status)
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse(
+            {"object": "list", "data": [{"id": FAKE_MODEL, "object": "model"}]}
+        )
+
+    async def _stream(self, path: str, text: str) -> AsyncIterator[bytes]:
+        words = text.split(" ")
+        pieces = [words[0], *(" " + word for word in words[1:])]
+        if path == "/completions":
+            events = completion_events(pieces)
+        else:
+            events = chat_events(pieces)
+        # Two events go out at once (for chat: the role chunk and the first
+        # word), and the rest waits for the hold.
+        for event in events[:2]:
+            yield event
+        while self.stream_hold is not None and not self.stream_hold.is_set():
+            await asyncio.sleep(0.01)
+        for event in events[2:]:
+            yield event
 
 
 def _as_fake_reply(reply: Reply, path: str) -> FakeReply:
@@ -241,6 +285,13 @@ def _as_fake_reply(reply: Reply, path: str) -> FakeReply:
             return FakeReply(body=completion_reply(reply))
         return FakeReply(body=chat_reply(reply))
     return FakeReply(body=reply)
+
+
+def reply_text(body: Any) -> str:
+    """Return the text of a chat or text completion body, for streaming it."""
+    choice = body["choices"][0]
+    message = choice.get("message")
+    return str(message["content"] if message else choice["text"])
 
 
 def _schema_name(body: Mapping[str, Any]) -> str | None:
