@@ -82,11 +82,14 @@ class LLMJudge:
         endpoint: Endpoint,
         retries: int = 2,
         max_tokens: int = 1024,
+        rationale_chars: int | None = None,
     ) -> None:
         self.client = client
         self.endpoint = endpoint
         self.retries = retries
         self.max_tokens = max_tokens
+        self.rationale_chars = rationale_chars
+        """Cap on each rationale in the reply schema, or None for no cap."""
         self.parse_failures = 0
         """Judge replies that were not fully usable, over every judgement."""
 
@@ -102,7 +105,7 @@ class LLMJudge:
             return sheet.judgement(query.id, 0)
 
         messages = judge_messages(query, answer, selection)
-        response_format = scores_response_format(sheet.requested)
+        response_format = scores_response_format(sheet.requested, self.rationale_chars)
         failures = 0
         for attempt in range(self.retries + 1):
             body = self._body(messages, response_format)
@@ -157,13 +160,24 @@ def judge_messages(
     ]
 
 
-def scores_response_format(aspects: Sequence[str]) -> dict[str, Any]:
-    """Return a `response_format` for one score entry per aspect of `aspects`."""
+def scores_response_format(
+    aspects: Sequence[str], rationale_chars: int | None = None
+) -> dict[str, Any]:
+    """Return a `response_format` for one score entry per aspect of `aspects`.
+
+    `rationale_chars` adds a `maxLength` to each rationale. llama.cpp and vLLM
+    enforce it while decoding, which keeps a small judge that copies the
+    rubric from running out of tokens before its score; OpenAI's strict mode
+    rejects the keyword, so it is off unless asked for.
+    """
+    rationale: dict[str, Any] = {"type": "string"}
+    if rationale_chars is not None:
+        rationale["maxLength"] = rationale_chars
     entry = {
         "type": "object",
         "properties": {
             "aspect": {"type": "string", "enum": list(aspects)},
-            "rationale": {"type": "string"},
+            "rationale": rationale,
             "score": {"type": "integer", "minimum": MIN_SCORE, "maximum": MAX_SCORE},
         },
         "required": ["aspect", "rationale", "score"],

@@ -39,8 +39,10 @@ _PROPOSAL_TASK = (
     "must be a complete system prompt on its own that fixes the weaknesses "
     "above without losing what already worked. State general principles that "
     "help on any query, not rules about these particular queries. Keep each "
-    "prompt under {max_chars} characters. Reply with only a JSON object of "
-    'the form {{"prompts": ["...", ...]}} that holds exactly {n} strings.'
+    "prompt under {max_chars} characters. Reply with only a JSON object that "
+    "holds exactly {n} strings, such as "
+    '{{"prompts": ["You are a knowledgeable assistant. Answer the question '
+    'directly, explain your reasoning, and keep it short."]}}.'
 )
 
 _REWRITE_TASK = (

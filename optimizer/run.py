@@ -50,6 +50,8 @@ class RunSettings:
     budget: Budget = field(default_factory=Budget)
     target_max_tokens: int = 256
     helper_max_tokens: int | None = None
+    judge_rationale_chars: int | None = None
+    """Cap on each judge rationale, enforced by the reply schema."""
     """Cap on the output tokens of the selector, judge and optimizer calls."""
     price_per_million_tokens: float = 0.0
 
@@ -167,7 +169,10 @@ def build_evaluator(settings: RunSettings, client: ModelClient) -> Evaluator:
             client, roles.selector, max_tokens=_capped(512, settings.helper_max_tokens)
         ),
         LLMJudge(
-            client, roles.judge, max_tokens=_capped(1024, settings.helper_max_tokens)
+            client,
+            roles.judge,
+            max_tokens=_capped(1024, settings.helper_max_tokens),
+            rationale_chars=settings.judge_rationale_chars,
         ),
     )
 

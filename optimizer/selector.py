@@ -40,8 +40,10 @@ _SELECTION_TASK = (
     f"choose {MIN_ASPECTS} to {MAX_ASPECTS} aspects from the list that matter "
     "most for judging an answer to it. Name an aspect outside the list only "
     "when none of the listed ones covers what matters. Reply with only a JSON "
-    'object of the form {"analysis": "...", "aspects": ["...", ...], '
-    '"reason": "..."}.'
+    "object such as "
+    '{"analysis": "The user wants a recipe; nothing here can cause harm.", '
+    '"aspects": ["Helpfulness", "Clarity"], '
+    '"reason": "A recipe must be complete and easy to follow."}.'
 )
 
 SELECTION_RESPONSE_FORMAT: dict[str, Any] = {

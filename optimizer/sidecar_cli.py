@@ -65,8 +65,9 @@ def optimizer(
     margin: Annotated[
         float | None,
         Option(
-            min=0,
-            help="Held-out reward gain (1-5 scale) needed to publish. Default 0.1.",
+            min=-4,
+            help="Held-out reward gain (1-5 scale) needed to publish; negative "
+            "publishes a candidate that trails by less. Default 0.1.",
         ),
     ] = None,
     helpers: Annotated[

@@ -81,6 +81,7 @@ class CycleContext:
             budget=Budget(max_calls=options.max_calls, max_tokens=options.max_tokens),
             target_max_tokens=options.target_max_tokens,
             helper_max_tokens=options.helper_max_tokens,
+            judge_rationale_chars=options.judge_rationale_chars,
         )
 
     def new_client(self, settings: RunSettings) -> ModelClient:
@@ -99,6 +100,7 @@ async def run_search_cycle(
     active = context.store.get(plan.starting_version)
     settings = context.run_settings(plan.seed, len(plan.search))
     client = context.new_client(settings)
+    report.roles = settings.roles
     before = asyncio.all_tasks()
     try:
         context.status(f"searching for model {plan.model!r} (run {plan.run_id})")

@@ -127,6 +127,12 @@ class OptimizerSettings(BaseModel):
         ge=16,
         description="Cap on selector, judge and optimizer output tokens.",
     )
+    judge_rationale_chars: int | None = Field(
+        default=None,
+        ge=16,
+        description="Cap on each judge rationale in the reply schema; llama.cpp "
+        "and vLLM enforce it, OpenAI's strict mode rejects it.",
+    )
     max_calls: int | None = Field(
         default=None,
         ge=1,

@@ -11,7 +11,7 @@ import pytest
 
 from optimizer.aspects import ASPECTS, resolve_aspect
 from optimizer.client import ModelClient
-from optimizer.judge import JUDGE_SYSTEM_PROMPT, LLMJudge
+from optimizer.judge import JUDGE_SYSTEM_PROMPT, LLMJudge, scores_response_format
 from optimizer.parsing import parse_score
 from optimizer.types import AspectSelection, Judge, Query, QueryKind
 from tests.optimizer.fake_models import (
@@ -279,3 +279,18 @@ async def test_rejudging_same_answer_is_cached(
 
     assert second == first
     assert len(fake.calls_for("judge")) == 1
+
+
+def _rationale_schema(response_format: dict[str, Any]) -> dict[str, Any]:
+    schema = response_format["json_schema"]["schema"]
+    entry: dict[str, Any] = schema["properties"]["scores"]["items"]
+    return dict(entry["properties"]["rationale"])
+
+
+def test_rationale_uncapped_by_default() -> None:
+    assert _rationale_schema(scores_response_format(["Clarity"])) == {"type": "string"}
+
+
+def test_rationale_cap_sets_max_length() -> None:
+    rationale = _rationale_schema(scores_response_format(["Clarity"], 160))
+    assert rationale["maxLength"] == 160

@@ -20,6 +20,7 @@ import pytest
 from gateway.sampling import Sample
 from gateway.store import DiskPromptStore
 from tests.conftest import GatewayFactory, RunningGateway
+from tests.fakes.upstream import wait_until
 from tests.optimizer.fake_models import (
     FAKE_MODEL,
     FakeModels,
@@ -110,9 +111,11 @@ async def test_publish_reaches_gateway_while_stream_finishes(
     text = "".join(
         c.choices[0].delta.content or "" for c in [*first, *rest] if c.choices
     )
-    streamed = [
-        item for item in gateway.stored_samples(len(QUESTIONS) + 2) if item.stream
-    ]
+    # Every request is sampled, and the stream's sample is written only after
+    # its last chunk, so wait for the stream's own sample.
+    samples = gateway.app.state.gateway.parts.sampler.store
+    wait_until(lambda: any(item.stream for item in samples.recent(1000)))
+    streamed = [item for item in samples.recent(1000) if item.stream]
     saved = json.loads(Path(report.path).read_text())
 
     assert report.outcome == "published", report.reason

@@ -85,6 +85,7 @@ async def test_report_records_published_run(tmp_path: Path) -> None:
     )
     assert saved["search"]["final"]["system_prompt"]
     assert saved["usage"]["judge"]["calls"] > 0
+    assert saved["roles"]["judge"]["base_url"] == fake.base_url
     assert saved["resumed"] is False
     assert store.get("v2").metadata["report"] == str(report.path)
     store.close()
