@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway import __version__
+from gateway.errors import ConfigurationError
 from gateway.routes import routes
 from gateway.settings import Settings
 from gateway.state import GatewayState
@@ -46,6 +48,28 @@ def create_app(
     app.router.routes.extend(routes)
     app.add_exception_handler(HTTPException, _http_exception)
     return app
+
+
+def create_worker_app() -> FastAPI:
+    """Build the app of one worker of `drpo-gateway serve --workers N`.
+
+    The settings and the upstream target come from the file that the parent
+    process named in DRPO_GATEWAY_WORKER_CONFIG.
+    """
+    from uvicorn.config import STARTUP_FAILURE
+
+    from gateway.logs import configure_logging
+    from gateway.workers import read_worker_config
+
+    try:
+        settings, target = read_worker_config()
+    except ConfigurationError as error:
+        logger.error("Gateway worker failed to start: %s", error)
+        # On this exit status uvicorn's supervisor stops every worker instead
+        # of restarting this one.
+        sys.exit(STARTUP_FAILURE)
+    configure_logging(settings.log_level)
+    return create_app(settings, target)
 
 
 async def _http_exception(request: Request, error: Exception) -> Response:

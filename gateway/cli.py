@@ -16,6 +16,7 @@ import typer
 from gateway.errors import ConfigurationError
 from gateway.prompts_cli import prompts_app
 from gateway.settings import Engine, InjectionMode, Settings, load_settings
+from gateway.store.factory import check_stores
 from gateway.upstream import UpstreamTarget
 from optimizer.cli import optimize
 from optimizer.sidecar_cli import optimizer as sidecar
@@ -68,6 +69,13 @@ def serve(
     port: Annotated[
         int | None, typer.Option(help="Port to bind. Default 8000.")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Number of gateway worker processes, all in front of one "
+            "upstream. Default 1."
+        ),
+    ] = None,
     mode: Annotated[
         InjectionMode | None,
         typer.Option(help="Injection mode: auto, chat or base. Default auto."),
@@ -90,6 +98,7 @@ def serve(
         model=model,
         host=host,
         port=port,
+        workers=workers,
         mode=mode,
         data_dir=data_dir,
         log_level=log_level,
@@ -97,9 +106,13 @@ def serve(
     configure_logging(settings.log_level)
     stop_on_sigterm()
     try:
+        check_stores(settings)
         check_port_free(settings.host, settings.port)
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(run_gateway(settings))
+        if settings.workers > 1:
+            run_workers(settings)
+        else:
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(run_gateway(settings))
     except ConfigurationError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -124,6 +137,23 @@ async def run_gateway(settings: Settings) -> None:
         )
         server = uvicorn.Server(config)
         await server.serve()
+
+
+def run_workers(settings: Settings) -> None:
+    """Start the upstream target once, then serve it from `settings.workers` processes.
+
+    The engine, if any, runs in this process's event loop only while it starts
+    and stops, and is stopped after the last worker has exited.
+    """
+    from gateway.workers import serve_workers
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        stack = contextlib.AsyncExitStack()
+        target = runner.run(stack.enter_async_context(upstream_target(settings)))
+        try:
+            serve_workers(settings, target)
+        finally:
+            runner.run(stack.aclose())
 
 
 @contextlib.asynccontextmanager

@@ -1,11 +1,26 @@
-"""Prometheus metrics of the gateway, all in one registry with the drpo_ prefix."""
+"""Prometheus metrics of the gateway, all in one registry with the drpo_ prefix.
+
+With several worker processes, prometheus_client's multiprocess mode is on:
+PROMETHEUS_MULTIPROC_DIR is set before the workers import prometheus_client,
+each worker writes its values to files there, and a scrape merges the files.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from gateway.instruction import PromptVersion
 
@@ -23,6 +38,8 @@ OVERHEAD_BUCKETS = (
 )  # fmt: skip
 OTHER_MODEL = "other"
 NO_PROMPT = "none"
+# prometheus_client reads this variable itself when it is imported.
+MULTIPROC_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class ModelLabels:
@@ -48,11 +65,61 @@ class ModelLabels:
         return model if model in self._known else OTHER_MODEL
 
 
+class PromptInfoCollector(Collector):
+    """Collector of the prompt series, which it builds anew at each scrape.
+
+    `active` and `canaries` are the last snapshot that ActivePrompts passed to
+    the listeners. They are not Gauges because in multiprocess mode a Gauge
+    writes its series to files, which `clear()` does not empty, so a replaced
+    version would stay in the output.
+    """
+
+    def __init__(self) -> None:
+        self.active: Mapping[str, PromptVersion] = {}
+        self.canaries: Mapping[str, Canary] = {}
+        self.generation = -1
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        info, share, generation = self._families()
+        for model, version in self.active.items():
+            info.add_metric([model, version.version], 1.0)
+        for model, canary in self.canaries.items():
+            share.add_metric([model, canary.version], canary.share)
+        generation.add_metric([], float(self.generation))
+        yield from (info, share, generation)
+
+    def _families(self) -> tuple[GaugeMetricFamily, ...]:
+        info = GaugeMetricFamily(
+            "drpo_active_prompt_info",
+            "Active prompt version per model pointer; '*' is the default.",
+            labels=["model", "version"],
+        )
+        share = GaugeMetricFamily(
+            "drpo_canary_prompt_share",
+            "Fraction of clients served the canary version, per model pointer; "
+            "'*' is the default.",
+            labels=["model", "version"],
+        )
+        generation = GaugeMetricFamily(
+            "drpo_prompt_store_generation",
+            "Generation of the prompt store last loaded by the gateway.",
+        )
+        return info, share, generation
+
+
 class GatewayMetrics:
-    """Every metric the gateway exports."""
+    """Every metric the gateway exports.
+
+    Multiprocess mode is on when PROMETHEUS_MULTIPROC_DIR is set, which
+    `drpo-gateway serve --workers N` does for N > 1.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.multiprocess_dir = os.environ.get(MULTIPROC_DIR_VARIABLE) or None
         r = self.registry
         self.requests = Counter(
             "drpo_requests",
@@ -110,25 +177,10 @@ class GatewayMetrics:
             "Requests being handled now.",
             ["route"],
             registry=r,
+            multiprocess_mode="livesum",
         )
-        self.active_prompt = Gauge(
-            "drpo_active_prompt_info",
-            "Active prompt version per model pointer; '*' is the default.",
-            ["model", "version"],
-            registry=r,
-        )
-        self.canary_prompt = Gauge(
-            "drpo_canary_prompt_share",
-            "Fraction of clients served the canary version, per model pointer; "
-            "'*' is the default.",
-            ["model", "version"],
-            registry=r,
-        )
-        self.store_generation = Gauge(
-            "drpo_prompt_store_generation",
-            "Generation of the prompt store last loaded by the gateway.",
-            registry=r,
-        )
+        self.prompt_info = PromptInfoCollector()
+        r.register(self.prompt_info)
 
         self.samples_stored = Counter(
             "drpo_samples_stored",
@@ -151,17 +203,29 @@ class GatewayMetrics:
 
     def set_active_versions(self, active: Mapping[str, PromptVersion]) -> None:
         """Replace the active-version info series with the current pointers."""
-        self.active_prompt.clear()
-        for model, version in active.items():
-            self.active_prompt.labels(model=model, version=version.version).set(1)
+        self.prompt_info.active = dict(active)
 
     def set_canaries(self, canaries: Mapping[str, Canary]) -> None:
         """Replace the canary share series with the running canaries."""
-        self.canary_prompt.clear()
-        for model, canary in canaries.items():
-            self.canary_prompt.labels(model=model, version=canary.version).set(
-                canary.share
-            )
+        self.prompt_info.canaries = dict(canaries)
+
+    def set_store_generation(self, generation: int) -> None:
+        """Set the generation that drpo_prompt_store_generation reports."""
+        self.prompt_info.generation = generation
+
+    def exposition(self) -> bytes:
+        """Render every metric in the Prometheus text format.
+
+        In multiprocess mode the counters, histograms and the in-flight gauge
+        come from the files of every worker, and the prompt series from this
+        worker's own snapshot.
+        """
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        registry.register(self.prompt_info)
+        return generate_latest(registry)
 
     def record_usage(self, model: str, usage: object) -> None:
         """Count the tokens of an upstream `usage` object, when it is well formed."""

@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from gateway.errors import ConfigurationError, GatewayError
 from gateway.instruction import Example, Instruction, PromptVersion
 from gateway.settings import load_settings
-from gateway.store import DEFAULT_MODEL_KEY, ActivationEvent, Canary, DiskPromptStore
+from gateway.store import DEFAULT_MODEL_KEY, ActivationEvent, Canary, PromptStore
 from gateway.store.base import model_key
+from gateway.store.factory import open_prompt_store
 
 prompts_app = typer.Typer(
     help="List, show, activate, roll back, canary, import and export prompt versions.",
@@ -27,9 +28,9 @@ DataDirOption = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
-        help="Gateway data directory; the prompt store is its prompts/ folder. "
-        "Default: DRPO_DATA_DIR, then the YAML config, then "
-        "~/.local/share/drpo-gateway.",
+        help="Gateway data directory; the prompt store is its prompts/ folder "
+        "unless DRPO_STORE_BACKEND=redis. Default: DRPO_DATA_DIR, then the YAML "
+        "config, then ~/.local/share/drpo-gateway.",
         show_default=False,
     ),
 ]
@@ -208,7 +209,8 @@ def rollback_command(
     with _report_errors(), _open_store(data_dir, config) as store:
         pointers = store.active_pointers()
         current = pointers.get(DEFAULT_MODEL_KEY if model is None else model)
-        target = to or _previous_version(store.history(model), current, model)
+        fallback = None if model is None else pointers.get(DEFAULT_MODEL_KEY)
+        target = to or _previous_version(store.history(model), current, model, fallback)
         store.activate(target, model)
 
     if json_output:
@@ -218,15 +220,28 @@ def rollback_command(
 
 
 def _previous_version(
-    history: list[ActivationEvent], current: str | None, model: str | None
+    history: list[ActivationEvent],
+    current: str | None,
+    model: str | None,
+    fallback: str | None,
 ) -> str:
+    """Return the version the pointer had before its last activation.
+
+    A model pointer created by that activation had no version of its own: the
+    model was served the default pointer's version, `fallback`, which is then
+    the one to restore.
+    """
     pointer = "the default pointer" if model is None else f"model {model!r}"
-    if not history or history[-1].version != current or history[-1].previous is None:
+    last = history[-1] if history and history[-1].version == current else None
+    if last is not None and last.previous is None and fallback not in (None, current):
+        assert fallback is not None
+        return fallback
+    if last is None or last.previous is None:
         raise CommandError(
             f"There is no earlier version of {pointer} to roll back to. Pass "
             "--to VERSION, or see `drpo-gateway prompts list`."
         )
-    return history[-1].previous
+    return last.previous
 
 
 @prompts_app.command("canary")
@@ -305,7 +320,7 @@ def _require_start_options(
     return version, share
 
 
-def _stop_canary(store: DiskPromptStore, model: str | None) -> Canary:
+def _stop_canary(store: PromptStore, model: str | None) -> Canary:
     ended = store.clear_canary(model)
     if ended is None:
         raise CommandError(
@@ -482,7 +497,7 @@ def _read_json(path: Path) -> object:
 
 
 def _create_versions(
-    store: DiskPromptStore,
+    store: PromptStore,
     entries: Sequence[InstructionFile | PromptVersion],
     source: str,
 ) -> list[PromptVersion]:
@@ -528,12 +543,10 @@ def _import_metadata(entry: PromptVersion, new_ids: dict[str, str]) -> dict[str,
 
 
 @contextmanager
-def _open_store(
-    data_dir: Path | None, config: Path | None
-) -> Iterator[DiskPromptStore]:
+def _open_store(data_dir: Path | None, config: Path | None) -> Iterator[PromptStore]:
     """Open the configured store and seed it with the default instruction if empty."""
     settings = load_settings(config_file=config, data_dir=data_dir)
-    store = DiskPromptStore(settings.store_dir)
+    store = open_prompt_store(settings)
     try:
         # The default instruction is loaded only for a store that has never
         # had a version; ensure_seeded checks again inside its transaction.
@@ -569,7 +582,7 @@ def _report_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _require_active(store: DiskPromptStore, model: str | None) -> str:
+def _require_active(store: PromptStore, model: str | None) -> str:
     version = store.active_version(model)
     if version is None:
         target = "the default pointer" if model is None else f"model {model!r}"
@@ -622,7 +635,7 @@ def _canary_notes_for_version(canaries: dict[str, Canary], version: str) -> list
     ]
 
 
-def _canary_notes_for_pointer(store: DiskPromptStore, model: str | None) -> list[str]:
+def _canary_notes_for_pointer(store: PromptStore, model: str | None) -> list[str]:
     # A model follows its own canary when it has its own pointer or canary,
     # and the default pointer's canary otherwise, as the gateway does.
     canaries = store.canaries()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -132,10 +132,9 @@ async def ready(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
-    state.parts.metrics.store_generation.set(state.parts.prompts.generation)
-    return Response(
-        generate_latest(state.parts.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    gateway_metrics = state.parts.metrics
+    gateway_metrics.set_store_generation(state.parts.prompts.generation)
+    return Response(gateway_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 routes = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -67,6 +67,9 @@ class RedactionKind(StrEnum):
     CARD = "card"
     IP = "ip"
     SECRET = "secret"
+
+
+REDIS_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def default_data_dir() -> Path:
@@ -150,6 +153,26 @@ class Settings(BaseSettings):
     store_poll_interval: float = Field(
         0.2, gt=0, le=1.0, description="Seconds between prompt store checks."
     )
+    store_backend: Literal["disk", "redis"] = Field(
+        "disk",
+        description="Where the prompt store and the sample store live: disk "
+        "(diskcache under data_dir, for one host) or redis (a Redis server "
+        "shared by several gateways and one optimizer sidecar; needs redis_url).",
+    )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Redis URL of both stores when store_backend is redis, such "
+        "as redis://:PASSWORD@redis:6379/0, rediss:// for TLS or "
+        "unix:///run/redis.sock. Use a server with persistence (appendonly yes): "
+        "a restart without it loses every prompt version.",
+    )
+    redis_prefix: str = Field(
+        "drpo",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.:{}-]+$",
+        description="Prefix of every Redis key and of the change channel "
+        "<prefix>:changes; gateways that share a prefix share their prompts.",
+    )
 
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="Client API keys; empty allows all."
@@ -210,6 +233,31 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        url = value.get_secret_value()
+        if not url.startswith(REDIS_URL_SCHEMES):
+            # The message quotes only the scheme, because the URL may hold
+            # a password.
+            scheme = url.partition("://")[0] if "://" in url else "none"
+            raise ValueError(
+                f"must start with redis://, rediss:// or unix://, got scheme {scheme!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _require_redis_url(self) -> Settings:
+        if self.store_backend == "redis" and self.redis_url is None:
+            raise ValueError(
+                "DRPO_STORE_BACKEND=redis (store_backend in YAML) needs "
+                "DRPO_REDIS_URL (redis_url in YAML), such as "
+                "redis://127.0.0.1:6379/0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _choose_engine(self) -> Settings:

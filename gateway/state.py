@@ -16,13 +16,14 @@ from gateway.prompting import (
     PromptBuilder,
     load_default_instruction,
 )
-from gateway.sampling import DiskSampleStore, SampleRecorder, SampleStore
+from gateway.sampling import SampleRecorder, SampleStore
 from gateway.service.chat import ChatCompletions
 from gateway.service.completions import Completions
 from gateway.service.components import Components
 from gateway.service.tokens import InjectedTokenCounter
 from gateway.settings import ExampleSelection, Settings
-from gateway.store import ActivePrompts, DiskPromptStore, PromptStore
+from gateway.store import ActivePrompts, PromptStore
+from gateway.store.factory import open_prompt_store, open_sample_store
 from gateway.upstream import UpstreamClient, UpstreamTarget
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class GatewayState:
         cls, settings: Settings, target: UpstreamTarget, store: PromptStore | None
     ) -> GatewayState:
         """Open the store, load the active prompts and connect to the upstream."""
-        store = store or DiskPromptStore(settings.store_dir)
+        store = store or open_prompt_store(settings)
         seeded = store.ensure_seeded(load_default_instruction())
         if seeded is not None:
             logger.info(
@@ -91,9 +92,7 @@ def start_sampler(
     """Open the sample store and start its writer, or return None when disabled."""
     if settings.sample_rate <= 0:
         return None
-    store = store or DiskSampleStore(
-        settings.sample_dir, max_count=settings.sample_max_count
-    )
+    store = store or open_sample_store(settings)
     sampler = SampleRecorder(store, settings, metrics)
     sampler.start()
     logger.info(

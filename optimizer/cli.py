@@ -18,7 +18,7 @@ import typer
 from gateway.errors import ConfigurationError
 from gateway.modes import ModeResolver
 from gateway.settings import InjectionMode, Settings, load_settings
-from gateway.store import DiskPromptStore
+from gateway.store.factory import open_prompt_store
 from optimizer.client import Budget, Endpoint, ModelClient
 from optimizer.errors import OptimizerError
 from optimizer.run import (
@@ -145,6 +145,15 @@ def optimize(
             "(defaults 512, 1024 and 2048). Lower it for a small, slow model.",
         ),
     ] = None,
+    judge_rationale_chars: Annotated[
+        int | None,
+        Option(
+            min=16,
+            help="Cap on each judge rationale, enforced by the reply schema "
+            "(llama.cpp and vLLM; OpenAI's strict mode rejects it). Keeps a small "
+            "judge from running out of tokens before its scores.",
+        ),
+    ] = None,
     force: Annotated[
         bool, Option(help="Start even if the projected calls exceed --max-calls.")
     ] = False,
@@ -201,6 +210,7 @@ def optimize(
         stage1_rounds=stage1_rounds, max_examples=max_examples, concurrency=concurrency,
         budget=Budget(max_calls=max_calls, max_tokens=max_tokens), force=force,
         helper_max_tokens=helper_max_tokens,
+        judge_rationale_chars=judge_rationale_chars,
         report=report or settings.data_dir / "runs" / f"{_stamp()}.json",
         price=price_per_million, publish=publish_version or activate,
         activate=activate, prompt_model=prompt_model,
@@ -233,6 +243,7 @@ class _Plan:
     concurrency: int
     budget: Budget
     helper_max_tokens: int | None
+    judge_rationale_chars: int | None
     force: bool
     report: Path
     price: float
@@ -244,7 +255,7 @@ class _Plan:
         from gateway.cli import upstream_target
         from gateway.prompting import load_default_instruction
 
-        store = DiskPromptStore(self.settings.store_dir)
+        store = open_prompt_store(self.settings)
         store.ensure_seeded(load_default_instruction())
         active_name = store.active_version(self.prompt_model)
         parent = store.get(active_name) if active_name else None
@@ -271,6 +282,7 @@ class _Plan:
                 cache_dir=self.settings.data_dir / "optimizer-cache",
                 budget=self.budget,
                 helper_max_tokens=self.helper_max_tokens,
+                judge_rationale_chars=self.judge_rationale_chars,
                 price_per_million_tokens=self.price,
             )
             self._check_projection(run_settings)

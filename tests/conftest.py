@@ -160,3 +160,16 @@ def start_gateway(
     yield start
     for gateway in started:
         stop_later(gateway.thread)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """Start a real redis-server without persistence for one test.
+
+    Fails the test when redis-server is missing (see `tests.services`).
+    """
+    from tests.redis_server import start_redis_server
+
+    server = start_redis_server(tmp_path / "redis")
+    yield server
+    server.stop()

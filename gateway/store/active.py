@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Protocol, runtime_checkable
 
 from gateway.errors import PromptVersionNotFoundError, ServiceUnavailableError
 from gateway.instruction import PromptVersion
@@ -22,6 +23,26 @@ CanaryListener = Callable[[dict[str, Canary]], None]
 # While the store keeps failing, one warning is logged per this many polls
 # (about 20 s at the default interval) instead of one per poll.
 _FAILURE_LOG_EVERY = 100
+
+
+class ChangeSubscription(Protocol):
+    """A running subscription to a store's change notifications."""
+
+    def close(self) -> None:
+        """Stop the notifications and release the connection they use."""
+        ...
+
+
+@runtime_checkable
+class ChangeNotifier(Protocol):
+    """A PromptStore that announces its changes, such as RedisPromptStore.
+
+    Stores without it are only polled.
+    """
+
+    def subscribe_changes(self, callback: Callable[[], None]) -> ChangeSubscription:
+        """Call `callback`, from any thread, soon after each change."""
+        ...
 
 
 def canary_bucket(version: str, client: str) -> float:
@@ -57,13 +78,20 @@ _EMPTY_SNAPSHOT = _Snapshot(
 class ActivePrompts:
     """Active versions and canaries of a PromptStore, reloaded on a new generation.
 
+    The store's generation is checked every `poll_interval` seconds. With
+    `push` and a store that is a ChangeNotifier, it is also checked as soon
+    as the store announces a change, and polling remains the fallback while
+    the notifications are down.
+
     The snapshot is immutable and replaced in one assignment, so a request
     that resolved a version keeps it even if a swap happens meanwhile.
     `resolve` reads only memory, except for the first request that pins a
     version not loaded yet.
     """
 
-    def __init__(self, store: PromptStore, poll_interval: float = 0.2) -> None:
+    def __init__(
+        self, store: PromptStore, poll_interval: float = 0.2, *, push: bool = True
+    ) -> None:
         if poll_interval <= 0:
             raise ValueError(
                 f"poll_interval must be a positive number of seconds, "
@@ -78,6 +106,9 @@ class ActivePrompts:
         self._canary_listeners: list[CanaryListener] = []
         self._task: asyncio.Task[None] | None = None
         self._failed_polls = 0
+        self._push = push
+        self._subscription: ChangeSubscription | None = None
+        self._wake = asyncio.Event()
 
     async def __aenter__(self) -> ActivePrompts:
         await self.start()
@@ -87,7 +118,7 @@ class ActivePrompts:
         await self.stop()
 
     async def start(self) -> None:
-        """Load the active versions, then poll the store in a background task.
+        """Load the active versions, then watch the store in a background task.
 
         A store error during this first load propagates, so the gateway does
         not start without its prompts. Errors in later polls are only logged.
@@ -95,17 +126,24 @@ class ActivePrompts:
         if self._task is not None:
             raise RuntimeError("ActivePrompts.start() was called twice.")
         await self._reload()
+        self._subscribe()
         self._task = asyncio.create_task(
             self._poll_forever(), name="drpo-prompt-store-poll"
         )
         logger.info(
-            "Watching the prompt store (generation %d, every %.2f s)",
+            "Watching the prompt store (generation %d, every %.2f s, %s)",
             self._snapshot.generation,
             self._poll_interval,
+            "and on every change notification"
+            if self._subscription is not None
+            else "polling only",
         )
 
     async def stop(self) -> None:
-        """Cancel the polling task and wait for it to end."""
+        """End the change subscription and the polling task, and wait for both."""
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await asyncio.to_thread(subscription.close)
         task, self._task = self._task, None
         if task is None:
             return
@@ -175,7 +213,9 @@ class ActivePrompts:
             return record
 
         # NOTE: this one store read runs on the caller's thread (the event
-        # loop); with DiskPromptStore it is one indexed SQLite query.
+        # loop); with DiskPromptStore it is one indexed SQLite query, and
+        # with RedisPromptStore one HGET, which blocks the loop for up to
+        # its 5 s command timeout while the server does not respond.
         try:
             record = self._store.get(version)
         except PromptVersionNotFoundError:
@@ -226,9 +266,27 @@ class ActivePrompts:
             self._fetched[version] = record
         return record
 
+    def _subscribe(self) -> None:
+        if not self._push or not isinstance(self._store, ChangeNotifier):
+            return
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:
+            # Runs on the store's listener thread.
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(self._wake.set)
+
+        self._subscription = self._store.subscribe_changes(wake)
+
+    async def _wait_for_change(self) -> None:
+        """Return after `poll_interval` seconds, or sooner on a change notification."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+        self._wake.clear()
+
     async def _poll_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._poll_interval)
+            await self._wait_for_change()
             try:
                 generation = await asyncio.to_thread(self._store.generation)
                 if generation != self._snapshot.generation:

@@ -18,10 +18,11 @@ from pathlib import Path
 from gateway.errors import ConfigurationError, GatewayError
 from gateway.modes import ModeResolver
 from gateway.prompting import load_default_instruction
-from gateway.sampling.store import DiskSampleStore, SampleStore
+from gateway.sampling.store import SampleStore
 from gateway.settings import Settings
-from gateway.store import DiskPromptStore, PromptStore
+from gateway.store import PromptStore
 from gateway.store.base import DEFAULT_MODEL_KEY, Canary
+from gateway.store.factory import open_prompt_store, open_sample_store
 from gateway.upstream import UpstreamTarget
 from optimizer.client import Endpoint
 from optimizer.errors import OptimizerError
@@ -56,8 +57,9 @@ class Sidecar:
     """The optimizer sidecar of one gateway data directory.
 
     `target` is where the target model is called, the gateway's own
-    upstream. `store`, `samples` and `metrics` default to the gateway's
-    stores under `settings.data_dir` and a new registry.
+    upstream. `store` and `samples` default to the stores that the
+    settings choose (disk under `settings.data_dir`, or Redis), and
+    `metrics` to a new registry.
     """
 
     def __init__(
@@ -73,10 +75,8 @@ class Sidecar:
         self.settings = settings
         self.options = settings.optimizer
         self.target = target
-        self.store = store or DiskPromptStore(settings.store_dir)
-        self.samples = samples or DiskSampleStore(
-            settings.sample_dir, max_count=settings.sample_max_count
-        )
+        self.store = store or open_prompt_store(settings)
+        self.samples = samples or open_sample_store(settings)
         self.metrics = metrics or SidecarMetrics(max_models=settings.metrics_max_models)
         self.lease = LeaseKeeper(
             self.store, owner or new_owner_id(), self.options.lease_ttl

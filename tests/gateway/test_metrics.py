@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.instruction import Example, Instruction
 from gateway.prompting import PromptBuilder
@@ -261,3 +262,57 @@ def test_rejected_request_counts_no_injected_tokens(
 
     # The count is cached now, so each request records it before it returns.
     assert gateway.metric("drpo_injected_tokens_total") == 2 * per_request
+
+
+def model_label_values(gateway: RunningGateway) -> dict[str, set[str]]:
+    """Return the distinct `model` label values of each drpo_* family on /metrics."""
+    response = httpx.get(gateway.url + "/metrics")
+    values: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if family.name.startswith("drpo_") and "model" in sample.labels:
+                values.setdefault(family.name, set()).add(sample.labels["model"])
+    return values
+
+
+def test_thousand_model_names_stay_bounded(
+    start_gateway: GatewayFactory, fake_upstream: FakeUpstream
+) -> None:
+    listed = [f"listed-{index}" for index in range(10)]
+    fake_upstream.queue(
+        "/models", Scripted(body={"data": [{"id": name} for name in listed]})
+    )
+    gateway = start_gateway(metrics_max_models=4)
+    names = listed + [f"client-model-{index}" for index in range(990)]
+
+    with httpx.Client(base_url=gateway.url) as client:
+        statuses = {
+            client.post(
+                "/v1/chat/completions", json={"model": name, "messages": [USER]}
+            ).status_code
+            for name in names
+        }
+    values = model_label_values(gateway)
+    body = httpx.get(gateway.url + "/metrics").content
+
+    assert statuses == {200}
+    assert len(set(names)) == 1000
+    assert values["drpo_requests"] == {*listed[:4], "other"}
+    for family, models in values.items():
+        assert len(models) <= 4 + 1, family
+    assert gateway.metric("drpo_requests_total") == 1000
+    assert len(body) < 200_000
+
+
+def test_unknown_pins_add_no_version_label(gateway: RunningGateway) -> None:
+    chat(gateway)
+
+    for index in range(100):
+        with pytest.raises(openai.NotFoundError):
+            chat(gateway, extra_headers={"x-drpo-prompt": f"v{index + 2}"})
+    versions = {
+        labels["prompt_version"] for labels, _ in gateway.samples("drpo_requests_total")
+    }
+
+    assert versions == {"v1", "none"}
+    assert gateway.metric("drpo_requests_total", status_class="4xx") == 100

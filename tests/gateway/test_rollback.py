@@ -92,3 +92,31 @@ def test_rollback_to_unknown_version_fails(start_gateway: GatewayFactory) -> Non
 
     assert code == 1
     assert "v99" in output
+
+
+def test_new_model_pointer_rolls_back_to_default(
+    start_gateway: GatewayFactory,
+) -> None:
+    gateway = start_gateway()
+    version = gateway.store.create("A prompt for one model.", [])
+    gateway.store.activate(version.version, "fake-model")
+    _wait_for_version(gateway, "v2")
+
+    code, output = _rollback(gateway, "--model", "fake-model")
+
+    assert code == 0, output
+    assert "now points at v1 (previously v2)" in output
+    assert _wait_for_version(gateway, "v1") < 1.0
+
+
+def test_default_pointer_without_history_refused(
+    start_gateway: GatewayFactory,
+) -> None:
+    gateway = start_gateway()
+    version = gateway.store.create("A prompt for one model.", [])
+    gateway.store.activate(version.version, "fake-model")
+
+    code, output = _rollback(gateway)
+
+    assert code == 1
+    assert "no earlier version of the default pointer" in output
