@@ -17,8 +17,16 @@ import typer
 
 from gateway.errors import ConfigurationError
 from gateway.modes import ModeResolver
-from gateway.settings import InjectionMode, Settings, load_settings
+from gateway.settings import Settings, load_settings
 from gateway.store.factory import open_prompt_store
+from optimizer.cli_options import (
+    HelpersModelOption,
+    HelpersOption,
+    JudgeModelOption,
+    JudgeOption,
+    ModeOption,
+    UpstreamOption,
+)
 from optimizer.client import Budget, Endpoint, ModelClient
 from optimizer.errors import OptimizerError
 from optimizer.run import (
@@ -48,37 +56,20 @@ def optimize(
             "--config", envvar="DRPO_CONFIG", help="YAML file with gateway settings."
         ),
     ] = None,
-    upstream: Annotated[
-        str | None,
-        Option(help="Target server; without it the embedded model is started."),
-    ] = None,
+    upstream: UpstreamOption = None,
     model: Annotated[
         str | None,
         Option(help="Target model name. Default: the first the target lists."),
     ] = None,
-    mode: Annotated[
-        InjectionMode | None,
-        Option(help="How the gateway serves the target: auto, chat or base."),
-    ] = None,
+    mode: ModeOption = None,
     data_dir: Annotated[
         Path | None,
         Option(help="Gateway data directory: prompt store, cache, reports."),
     ] = None,
-    helpers: Annotated[
-        str | None,
-        Option(
-            help="Base URL of a stronger model for the selector, judge and "
-            "optimizer roles."
-        ),
-    ] = None,
-    helpers_model: Annotated[
-        str | None, Option(help="Model name at --helpers. Default: the first it lists.")
-    ] = None,
-    judge: Annotated[
-        str | None,
-        Option(help="Base URL for the judge role alone (overrides --helpers)."),
-    ] = None,
-    judge_model: Annotated[str | None, Option(help="Model name at --judge.")] = None,
+    helpers: HelpersOption = None,
+    helpers_model: HelpersModelOption = None,
+    judge: JudgeOption = None,
+    judge_model: JudgeModelOption = None,
     seeds: Annotated[
         Path | None,
         Option(help="Query file (JSONL or a JSON list). Default: the shipped seeds."),

@@ -13,7 +13,15 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from gateway.errors import ConfigurationError, GatewayError
-from gateway.settings import InjectionMode, Settings, load_settings
+from gateway.settings import Settings, load_settings
+from optimizer.cli_options import (
+    HelpersModelOption,
+    HelpersOption,
+    JudgeModelOption,
+    JudgeOption,
+    ModeOption,
+    UpstreamOption,
+)
 from optimizer.errors import OptimizerError
 from optimizer.sidecar.records import RunReport
 from optimizer.sidecar.service import Sidecar
@@ -39,18 +47,12 @@ def optimizer(
         Path | None,
         Option(help="Gateway data directory: samples, prompt store, cache, reports."),
     ] = None,
-    upstream: Annotated[
-        str | None,
-        Option(help="Target server; without it the embedded model is started."),
-    ] = None,
+    upstream: UpstreamOption = None,
     model: Annotated[
         str | None,
         Option(help="Optimize only this model. Default: every model in the samples."),
     ] = None,
-    mode: Annotated[
-        InjectionMode | None,
-        Option(help="How the gateway serves the target: auto, chat or base."),
-    ] = None,
+    mode: ModeOption = None,
     once: Annotated[bool, Option("--once", help="Run one cycle now and exit.")] = False,
     interval: Annotated[
         float | None, Option(min=0.001, help="Seconds between cycles. Default 3600.")
@@ -70,21 +72,10 @@ def optimizer(
             "publishes a candidate that trails by less. Default 0.1.",
         ),
     ] = None,
-    helpers: Annotated[
-        str | None,
-        Option(
-            help="Base URL of a stronger model for the selector, judge and "
-            "optimizer roles (key in DRPO_HELPERS_API_KEY)."
-        ),
-    ] = None,
-    helpers_model: Annotated[
-        str | None, Option(help="Model name at --helpers. Default: the first it lists.")
-    ] = None,
-    judge: Annotated[
-        str | None,
-        Option(help="Base URL for the judge role alone (key in DRPO_JUDGE_API_KEY)."),
-    ] = None,
-    judge_model: Annotated[str | None, Option(help="Model name at --judge.")] = None,
+    helpers: HelpersOption = None,
+    helpers_model: HelpersModelOption = None,
+    judge: JudgeOption = None,
+    judge_model: JudgeModelOption = None,
     canary_share: Annotated[
         float | None,
         Option(
