@@ -63,6 +63,23 @@ async def test_cycle_publishes_better_prompt(tmp_path: Path) -> None:
     store.close()
 
 
+async def test_rolled_back_candidate_not_republished(tmp_path: Path) -> None:
+    with feature_models() as fake:
+        store_samples(sidecar_settings(fake, tmp_path), question_samples())
+        await run_once(fake, tmp_path)
+        store = DiskPromptStore(tmp_path / "prompts")
+        store.activate("v1", FAKE_MODEL)
+        store.close()
+        report = await run_once(fake, tmp_path)
+
+    store = DiskPromptStore(tmp_path / "prompts")
+    assert report.outcome == "skipped"
+    assert "the candidate is the instruction of v2" in report.reason
+    assert store.active_version(FAKE_MODEL) == "v1"
+    assert [v.version for v in store.list_versions()] == ["v1", "v2"]
+    store.close()
+
+
 async def test_report_records_published_run(tmp_path: Path) -> None:
     with feature_models() as fake:
         store_samples(sidecar_settings(fake, tmp_path), question_samples())
