@@ -118,15 +118,16 @@ async def run_search_cycle(
                 "skipped",
                 f"no change: the search kept the instruction of {active.version}",
             )
-        earlier = _stored_copy(context.store, outcome.instruction, plan.run_id)
+        earlier = _replaced_copy(context.store, outcome.instruction, plan.model)
         if earlier is not None:
             # A rolled-back version comes back from the same traffic, and
             # publishing it again would undo the rollback.
             return report.finish(
                 "skipped",
-                f"the candidate is the instruction of {earlier.version}, which "
-                f"an earlier run or a person stored; `drpo-gateway prompts "
-                f"activate {earlier.version}` serves it",
+                f"the candidate is the instruction of {earlier}, which "
+                f"{plan.model!r} was served before and no longer is; "
+                f"`drpo-gateway prompts activate {earlier} --model {plan.model}` "
+                "serves it again",
             )
 
         context.status(f"gating the candidate for {plan.model!r} (run {plan.run_id})")
@@ -263,13 +264,11 @@ def _scores(gate: GateResult) -> dict[str, float]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _stored_copy(
-    store: PromptStore, instruction: Instruction, run_id: str
-) -> PromptVersion | None:
-    """Return a version with `instruction` that was not stored by run `run_id`."""
-    for version in store.list_versions():
-        if version.instruction == instruction and (
-            version.metadata.get("run_id") != run_id
-        ):
-            return version
+def _replaced_copy(
+    store: PromptStore, instruction: Instruction, model: str
+) -> str | None:
+    """Return a version with `instruction` that `model`'s pointer had and left."""
+    for event in reversed(store.history(model)):
+        if store.get(event.version).instruction == instruction:
+            return event.version
     return None

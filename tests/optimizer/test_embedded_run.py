@@ -26,6 +26,8 @@ def _drpo(*arguments: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
+# Minutes on two busy cores: a 270M model plays every role, one call at a time.
+@pytest.mark.timeout(1200)
 def test_tiny_run_publishes_served_version(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
 
@@ -34,7 +36,8 @@ def test_tiny_run_publishes_served_version(tmp_path: Path) -> None:
         "--depth", "1", "--max-extra-depth", "0", "--beam-size", "1",
         "--n-actions", "1", "--batch-size", "1", "--heldout-size", "1",
         "--stage1-rounds", "1", "--max-examples", "2",
-        "--helper-max-tokens", "256", "--report", str(report),
+        "--helper-max-tokens", "256", "--judge-rationale-chars", "160",
+        "--report", str(report),
         "--publish", "--activate",
         timeout=1500,
     )  # fmt: skip

@@ -75,6 +75,7 @@ async def test_rolled_back_candidate_not_republished(tmp_path: Path) -> None:
     store = DiskPromptStore(tmp_path / "prompts")
     assert report.outcome == "skipped"
     assert "the candidate is the instruction of v2" in report.reason
+    assert "was served before" in report.reason
     assert store.active_version(FAKE_MODEL) == "v1"
     assert [v.version for v in store.list_versions()] == ["v1", "v2"]
     store.close()
