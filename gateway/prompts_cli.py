@@ -293,7 +293,18 @@ def canary_command(
             earlier = store.canaries().get(model_key(model))
             started = store.set_canary(version, share, model)
             active = store.active_version(model)
+            pointers = store.active_pointers()
     _echo_canary_start(started, earlier, active, json_output)
+    shadowed = sorted(key for key in pointers if key != DEFAULT_MODEL_KEY)
+    if model is None and shadowed and not json_output:
+        # Models with their own pointer never use the default one, so the
+        # canary does not reach them.
+        typer.echo(
+            "Note: models with their own pointer keep it and get no canary: "
+            f"{', '.join(repr(name) for name in shadowed)}. Pass --model NAME "
+            "to run a canary for one of them.",
+            err=True,
+        )
 
 
 def _reject_start_options(version: str | None, share: float | None) -> None:

@@ -349,4 +349,5 @@ def _setting_name(location: tuple[Any, ...]) -> str:
     if not location:
         return "settings"
     name = "__".join(str(part) for part in location)
-    return f"DRPO_{name.upper()} ({location[0]!s} in YAML)"
+    dotted = ".".join(str(part) for part in location)
+    return f"DRPO_{name.upper()} ({dotted} in YAML)"

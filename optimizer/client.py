@@ -43,6 +43,12 @@ _DETAIL_CHARS = 300
 _CACHE_ERRORS_LOGGED_EVERY = 100
 
 
+OPTIMIZER_HEADERS = {"x-drpo-prompt": "off", "x-drpo-sample": "off"}
+"""Headers of every optimizer call. A role pointed at a drpo-gateway then gets
+no injected instruction, and the optimizer's own calls are not sampled as
+traffic; other servers ignore them."""
+
+
 class ModelCallError(OptimizerError):
     """A model endpoint failed, rejected the request or returned no JSON object."""
 
@@ -340,7 +346,7 @@ class ModelClient:
     async def _send_once(
         self, role: str, endpoint: Endpoint, url: str, request: dict[str, Any]
     ) -> dict[str, Any]:
-        headers = {}
+        headers = dict(OPTIMIZER_HEADERS)
         if endpoint.api_key:
             headers["Authorization"] = f"Bearer {endpoint.api_key}"
         async with self._semaphore:

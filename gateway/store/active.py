@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
@@ -235,6 +235,20 @@ class ActivePrompts:
 
     async def _reload(self) -> None:
         snapshot = await asyncio.to_thread(self._load_snapshot)
+        if not snapshot.versions and self._snapshot.versions:
+            # No operation removes every pointer, so an empty store that had
+            # pointers was lost, e.g. a Redis server restarted without
+            # persistence. Serving no instruction would fail every client.
+            if self._snapshot.generation != snapshot.generation:
+                logger.warning(
+                    "The prompt store has no active versions any more (generation "
+                    "%d, was %d); keeping the last loaded ones. Restore it with "
+                    "`drpo-gateway prompts import` or activate a version.",
+                    snapshot.generation,
+                    self._snapshot.generation,
+                )
+            self._snapshot = replace(self._snapshot, generation=snapshot.generation)
+            return
         self._snapshot = snapshot
         self._notify_listeners(snapshot)
 

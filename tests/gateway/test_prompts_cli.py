@@ -711,3 +711,19 @@ def test_help_lists_canary_command(runner: CliRunner) -> None:
     assert result.exit_code == 0
     assert "--share" in result.output
     assert "--stop" in result.output
+
+
+def test_default_canary_names_shadowing_models(tmp_path: Path) -> None:
+    store = DiskPromptStore(tmp_path / "prompts")
+    store.ensure_seeded(gateway.prompting.load_default_instruction())
+    store.create("For one model.", [])
+    store.create("Candidate.", [])
+    store.activate("v2", "gemma")
+    store.close()
+
+    result = CliRunner().invoke(
+        prompts_app, ["canary", "v3", "--share", "0.5", "--data-dir", str(tmp_path)]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "get no canary: 'gemma'" in result.output

@@ -1054,3 +1054,23 @@ def test_sample_store_error_names_redis(redis_server: RedisServer) -> None:
     assert "sample store" in str(caught.value)
     assert "DRPO_REDIS_URL" in str(caught.value)
     store.close()
+
+
+async def test_emptied_store_keeps_loaded_versions(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisPromptStore(redis_server.url)
+    store.ensure_seeded(SEED)
+    store.create("candidate", [])
+    store.activate("v2")
+
+    async with ActivePrompts(store, poll_interval=0.05) as prompts:
+        with redis_server.client() as raw:
+            raw.flushall()
+        await wait_for(lambda: "has no active versions any more" in caplog.text)
+        kept = version_of(prompts.resolve("gemma"))
+        store.ensure_seeded(SEED)
+        await wait_for(lambda: version_of(prompts.resolve("gemma")) == "v1", 5.0)
+    store.close()
+
+    assert kept == "v2"

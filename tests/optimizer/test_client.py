@@ -343,3 +343,13 @@ async def test_model_field_set_from_endpoint(
 def test_zero_concurrency_rejected() -> None:
     with pytest.raises(OptimizerError, match="at least 1, got 0"):
         ModelClient(None, concurrency=0)
+
+
+async def test_calls_opt_out_of_gateway_injection(
+    fake: FakeModels, client: ModelClient
+) -> None:
+    await client.complete("judge", fake.endpoint(), PATH, body())
+
+    headers = fake.calls[0].headers
+    assert headers["x-drpo-prompt"] == "off"
+    assert headers["x-drpo-sample"] == "off"
