@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 EXPECTED_ERRORS = (OptimizerError, ConfigurationError, GatewayError, ValueError)
 
 CYCLE_RETRY_SECONDS = 60.0
-"""Longest wait after a cycle that failed as a whole, as when the store is locked."""
+"""Maximum wait after a cycle that failed as a whole, e.g. on a locked store."""
 
 
 class Sidecar:

@@ -239,7 +239,7 @@ async def test_few_samples_after_timeout_rolled_back(
     assert result.decision == "rollback"
     assert "not enough traffic" in result.reason
     assert "after 7201 s (limit 7200 s)" in result.reason
-    # The timed-out review still judges, so its record holds the scores.
+    # The timed-out review still judges, so its record contains the scores.
     assert result.canary.reward == pytest.approx(14 / 3)
     assert fake.calls_for("target") == []
 
