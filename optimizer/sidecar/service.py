@@ -470,17 +470,16 @@ class Sidecar:
 
 
 def _scores_text(report: RunReport) -> str:
+    # The outcome's reason already has the mean scores, so this names how many
+    # answers the judge scored, which says how far to trust them.
     if report.gate is not None:
         candidate, active = report.gate.candidate, report.gate.active
         return (
-            f"held-out {_number(candidate.heldout)} vs {_number(active.heldout)}, "
-            f"safety {_number(candidate.safety)} vs {_number(active.safety)}"
+            f"scored answers: held-out {candidate.heldout_scored} and "
+            f"{active.heldout_scored}, safety {candidate.safety_scored} and "
+            f"{active.safety_scored} (candidate and active)"
         )
     if report.canary is not None:
         canary, control = report.canary.canary, report.canary.control
-        return f"canary reward {_number(canary.reward)} vs {_number(control.reward)}"
+        return f"scored answers: {canary.scored} canary and {control.scored} control"
     return "no scores"
-
-
-def _number(value: float | None) -> str:
-    return "none" if value is None else f"{value:.2f}"
