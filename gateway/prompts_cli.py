@@ -15,7 +15,7 @@ from gateway.errors import ConfigurationError, GatewayError
 from gateway.instruction import Example, Instruction, PromptVersion
 from gateway.settings import load_settings
 from gateway.store import DEFAULT_MODEL_KEY, ActivationEvent, Canary, PromptStore
-from gateway.store.base import model_key
+from gateway.store.base import describe_pointer, model_key
 from gateway.store.factory import open_prompt_store
 
 prompts_app = typer.Typer(
@@ -231,7 +231,7 @@ def _previous_version(
     model was served the default pointer's version, `fallback`, which is then
     the one to restore.
     """
-    pointer = "the default pointer" if model is None else f"model {model!r}"
+    pointer = describe_pointer(model)
     last = history[-1] if history and history[-1].version == current else None
     if last is not None and last.previous is None and fallback not in (None, current):
         assert fallback is not None
@@ -335,7 +335,7 @@ def _stop_canary(store: PromptStore, model: str | None) -> Canary:
     ended = store.clear_canary(model)
     if ended is None:
         raise CommandError(
-            f"No canary is running for {_pointer_name(model)}. "
+            f"No canary is running for {describe_pointer(model)}. "
             "`drpo-gateway prompts list` shows the running canaries."
         )
     return ended
@@ -353,7 +353,7 @@ def _echo_canary_start(
             }
         )
         return
-    pointer = _pointer_name(canary.model)
+    pointer = describe_pointer(canary.model)
     others = active or "no instruction"
     if earlier is not None and earlier.version == canary.version:
         typer.echo(
@@ -378,7 +378,7 @@ def _echo_canary_end(canary: Canary, active: str | None, json_output: bool) -> N
         _echo_json({**canary.model_dump(mode="json"), "active": active})
         return
     typer.echo(
-        f"Ended the canary of {canary.version} for {_pointer_name(canary.model)} "
+        f"Ended the canary of {canary.version} for {describe_pointer(canary.model)} "
         f"({_percent(canary.share)} of clients); every client gets "
         f"{active or 'no instruction'} again."
     )
@@ -596,7 +596,7 @@ def _report_errors() -> Iterator[None]:
 def _require_active(store: PromptStore, model: str | None) -> str:
     version = store.active_version(model)
     if version is None:
-        target = "the default pointer" if model is None else f"model {model!r}"
+        target = describe_pointer(model)
         raise CommandError(
             f"No prompt version is active for {target}. "
             "Run `drpo-gateway prompts activate VERSION` first."
@@ -617,10 +617,6 @@ def _describe_activation(
     return f"{pointer} now points at {version} (previously {previous or 'unset'})."
 
 
-def _pointer_name(model: str | None) -> str:
-    return "the default pointer" if model is None else f"model {model!r}"
-
-
 def _percent(share: float) -> str:
     return f"{share * 100:.3g}%"
 
@@ -639,7 +635,7 @@ def _canary_shares(canaries: dict[str, Canary], version: str) -> dict[str, float
 
 def _canary_notes_for_version(canaries: dict[str, Canary], version: str) -> list[str]:
     return [
-        f"Note: {version} is the canary of {_pointer_name(canary.model)}, "
+        f"Note: {version} is the canary of {describe_pointer(canary.model)}, "
         f"served to {_percent(canary.share)} of its clients."
         for _, canary in sorted(canaries.items())
         if canary.version == version
@@ -658,7 +654,7 @@ def _canary_notes_for_pointer(store: PromptStore, model: str | None) -> list[str
         return []
     return [
         f"Note: a canary of {canary.version} runs for "
-        f"{_pointer_name(canary.model)}: {_percent(canary.share)} of clients get "
+        f"{describe_pointer(canary.model)}: {_percent(canary.share)} of clients get "
         "it instead of this version."
     ]
 

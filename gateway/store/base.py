@@ -28,7 +28,7 @@ class ActivationConflictError(StoreError):
         self.model = model
         self.expected = expected
         self.found = found
-        target = "the default pointer" if model is None else f"model {model!r}"
+        target = describe_pointer(model)
         super().__init__(
             f"The active version of {target} is {found!r}, not {expected!r} as "
             "expected: another process changed it first. Reload and retry."
@@ -78,6 +78,11 @@ class Unset(Enum):
 
 
 UNSET = Unset.UNSET
+
+
+def describe_pointer(model: str | None) -> str:
+    """Return how messages name the pointer of `model`."""
+    return "the default pointer" if model is None else f"model {model!r}"
 
 
 def model_key(model: str | None) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,7 +26,15 @@ from gateway.store.base import (
     Lease,
     StoreError,
     Unset,
+    describe_pointer,
     model_key,
+)
+from gateway.store.checks import (
+    check_lease_request,
+    check_model_name,
+    check_scores,
+    check_share,
+    first_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -117,7 +124,7 @@ class DiskPromptStore:
         not in the store, and ValueError when a score is not a finite number.
         """
         scores = dict(scores or {})
-        _check_scores(scores)
+        check_scores(scores)
 
         with self._errors("write to"), self._cache.transact():
             if parent is not None and not self._contains(parent):
@@ -178,7 +185,7 @@ class DiskPromptStore:
         version a pointer already has records no event. Raises ValueError for
         the model name "*", which is reserved for the default pointer.
         """
-        _check_model_name(model, "activate")
+        check_model_name(model, "activate")
         key = model_key(model)
         with self._errors("write to"), self._cache.transact():
             if not self._contains(version):
@@ -197,14 +204,14 @@ class DiskPromptStore:
         logger.info(
             "Activated prompt version %s for %s (previous %s)",
             version,
-            _describe_pointer(model),
+            describe_pointer(model),
             previous,
         )
         if promoted is not None:
             logger.info(
                 "Ended the canary of %s for %s (share %.3g) by activating it",
                 version,
-                _describe_pointer(model),
+                describe_pointer(model),
                 promoted.share,
             )
 
@@ -220,8 +227,8 @@ class DiskPromptStore:
         pointer serves now, and PromptVersionNotFoundError for an unknown
         version.
         """
-        _check_model_name(model, "set the canary of")
-        _check_share(share)
+        check_model_name(model, "set the canary of")
+        check_share(share)
         key = model_key(model)
         with self._errors("write to"), self._cache.transact():
             if not self._contains(version):
@@ -230,7 +237,7 @@ class DiskPromptStore:
             if version == pointers.get(key, pointers.get(DEFAULT_MODEL_KEY)):
                 raise ValueError(
                     f"Version {version!r} is already active for "
-                    f"{_describe_pointer(model)}, so a canary of it would have "
+                    f"{describe_pointer(model)}, so a canary of it would have "
                     "nothing to compare with. Choose another version."
                 )
             canaries = self._read_canaries()
@@ -250,7 +257,7 @@ class DiskPromptStore:
         logger.info(
             "Started a canary of %s for %s (share %.3g, replacing %s)",
             version,
-            _describe_pointer(model),
+            describe_pointer(model),
             share,
             earlier.version if earlier is not None else None,
         )
@@ -268,7 +275,7 @@ class DiskPromptStore:
             self._cache.incr(_GENERATION_KEY)
 
         logger.info(
-            "Ended the canary of %s for %s", ended.version, _describe_pointer(model)
+            "Ended the canary of %s for %s", ended.version, describe_pointer(model)
         )
         return ended
 
@@ -287,7 +294,7 @@ class DiskPromptStore:
         reload. Raises ValueError for an empty name or owner, or a `ttl` that
         is not a positive number.
         """
-        _check_lease_request(name, owner, ttl)
+        check_lease_request(name, owner, ttl)
         with self._errors("write to"), self._cache.transact():
             now = datetime.now(UTC)
             current = self._read_lease(name)
@@ -423,7 +430,7 @@ class DiskPromptStore:
         try:
             return _POINTERS_ADAPTER.validate_json(text)
         except ValidationError as error:
-            raise self._corrupt("the active pointers", _first_problem(error)) from None
+            raise self._corrupt("the active pointers", first_problem(error)) from None
 
     def _read_canaries(self) -> dict[str, Canary]:
         text = self._cache.get(_CANARIES_KEY)
@@ -432,7 +439,7 @@ class DiskPromptStore:
         try:
             return _CANARIES_ADAPTER.validate_json(text)
         except ValidationError as error:
-            raise self._corrupt("the canaries", _first_problem(error)) from None
+            raise self._corrupt("the canaries", first_problem(error)) from None
 
     def _write_canaries(self, canaries: dict[str, Canary]) -> None:
         self._cache.set(_CANARIES_KEY, _CANARIES_ADAPTER.dump_json(canaries).decode())
@@ -469,7 +476,7 @@ class DiskPromptStore:
         try:
             return Lease.model_validate_json(text)
         except ValidationError as error:
-            raise self._corrupt(f"lease {name!r}", _first_problem(error)) from None
+            raise self._corrupt(f"lease {name!r}", first_problem(error)) from None
 
     def _append_event(self, event: ActivationEvent) -> None:
         index = self._cache.incr(_HISTORY_COUNT_KEY)
@@ -484,7 +491,7 @@ class DiskPromptStore:
             record = PromptVersion.model_validate_json(text)
         except ValidationError as error:
             raise self._corrupt(
-                f"prompt version {version!r}", _first_problem(error)
+                f"prompt version {version!r}", first_problem(error)
             ) from None
         if record.version != version:
             raise self._corrupt(
@@ -500,7 +507,7 @@ class DiskPromptStore:
             return ActivationEvent.model_validate_json(text)
         except ValidationError as error:
             raise self._corrupt(
-                f"history event {index}", _first_problem(error)
+                f"history event {index}", first_problem(error)
             ) from None
 
     def _corrupt(self, item: str, problem: str) -> StoreError:
@@ -510,49 +517,3 @@ class DiskPromptStore:
             "backup, or export the readable versions with `drpo-gateway prompts "
             "export VERSION ...` and import them into a new directory."
         )
-
-
-def _describe_pointer(model: str | None) -> str:
-    return "the default pointer" if model is None else f"model {model!r}"
-
-
-def _check_model_name(model: str | None, action: str) -> None:
-    if model == DEFAULT_MODEL_KEY:
-        raise ValueError(
-            f"Model name {DEFAULT_MODEL_KEY!r} is reserved for the default "
-            f"pointer; pass model=None to {action} the default."
-        )
-
-
-def _check_share(share: float) -> None:
-    # The negated comparison also rejects NaN.
-    if not 0.0 < share < 1.0:
-        raise ValueError(
-            f"Canary share {share!r} is invalid: it must be strictly between 0 "
-            "and 1, such as 0.1 for 10% of clients."
-        )
-
-
-def _check_lease_request(name: str, owner: str, ttl: float) -> None:
-    if not name or not owner:
-        raise ValueError(
-            f"Lease name {name!r} and owner {owner!r} must both be non-empty."
-        )
-    if not math.isfinite(ttl) or ttl <= 0:
-        raise ValueError(
-            f"Lease time-to-live {ttl!r} is invalid: pass a positive number of seconds."
-        )
-
-
-def _check_scores(scores: Mapping[str, float]) -> None:
-    for name, value in scores.items():
-        if not math.isfinite(value):
-            raise ValueError(
-                f"Score {name!r} is {value!r}, but scores must be finite numbers."
-            )
-
-
-def _first_problem(error: ValidationError) -> str:
-    problem = error.errors()[0]
-    location = ".".join(str(part) for part in problem["loc"]) or "the record"
-    return f"{location}: {problem['msg']}"

@@ -42,15 +42,15 @@ from gateway.store.base import (
     Lease,
     StoreError,
     Unset,
+    describe_pointer,
     model_key,
 )
-from gateway.store.disk import (
-    _check_lease_request,
-    _check_model_name,
-    _check_scores,
-    _check_share,
-    _describe_pointer,
-    _first_problem,
+from gateway.store.checks import (
+    check_lease_request,
+    check_model_name,
+    check_scores,
+    check_share,
+    first_problem,
 )
 from gateway.store.redis_client import (
     ChangeListener,
@@ -169,7 +169,7 @@ class RedisPromptStore:
         or the metadata cannot be written as JSON.
         """
         scores = dict(scores or {})
-        _check_scores(scores)
+        check_scores(scores)
         keys = self._keys
 
         def write(pipe: Pipeline) -> PromptVersion:
@@ -244,7 +244,7 @@ class RedisPromptStore:
         version a pointer already has records no event. Raises ValueError for
         the model name "*", which is reserved for the default pointer.
         """
-        _check_model_name(model, "activate")
+        check_model_name(model, "activate")
         key = model_key(model)
         keys = self._keys
 
@@ -281,14 +281,14 @@ class RedisPromptStore:
         logger.info(
             "Activated prompt version %s for %s (previous %s)",
             version,
-            _describe_pointer(model),
+            describe_pointer(model),
             outcome.previous,
         )
         if outcome.promoted is not None:
             logger.info(
                 "Ended the canary of %s for %s (share %.3g) by activating it",
                 version,
-                _describe_pointer(model),
+                describe_pointer(model),
                 outcome.promoted.share,
             )
 
@@ -304,8 +304,8 @@ class RedisPromptStore:
         pointer serves now, and PromptVersionNotFoundError for an unknown
         version.
         """
-        _check_model_name(model, "set the canary of")
-        _check_share(share)
+        check_model_name(model, "set the canary of")
+        check_share(share)
         key = model_key(model)
         keys = self._keys
 
@@ -316,7 +316,7 @@ class RedisPromptStore:
             if version == reply_text(own if own is not None else default):
                 raise ValueError(
                     f"Version {version!r} is already active for "
-                    f"{_describe_pointer(model)}, so a canary of it would have "
+                    f"{describe_pointer(model)}, so a canary of it would have "
                     "nothing to compare with. Choose another version."
                 )
             earlier = self._read_canary(pipe, key)
@@ -339,7 +339,7 @@ class RedisPromptStore:
         logger.info(
             "Started a canary of %s for %s (share %.3g, replacing %s)",
             version,
-            _describe_pointer(model),
+            describe_pointer(model),
             share,
             earlier.version if earlier is not None else None,
         )
@@ -365,7 +365,7 @@ class RedisPromptStore:
             logger.info(
                 "Ended the canary of %s for %s",
                 ended.version,
-                _describe_pointer(model),
+                describe_pointer(model),
             )
         return ended
 
@@ -389,7 +389,7 @@ class RedisPromptStore:
         do not make gateways reload. Raises ValueError for an empty name or
         owner, or a `ttl` that is not a positive number.
         """
-        _check_lease_request(name, owner, ttl)
+        check_lease_request(name, owner, ttl)
         key = self._keys.lease(name)
 
         def write(pipe: Pipeline) -> tuple[Lease | None, Lease | None]:
@@ -596,7 +596,7 @@ class RedisPromptStore:
             return Canary.model_validate_json(text or "")
         except ValidationError as error:
             raise self._corrupt(
-                f"the canary of {key!r}", _first_problem(error)
+                f"the canary of {key!r}", first_problem(error)
             ) from None
 
     def _parse_lease(self, name: str, text: str | None) -> Lease | None:
@@ -605,7 +605,7 @@ class RedisPromptStore:
         try:
             return Lease.model_validate_json(text)
         except ValidationError as error:
-            raise self._corrupt(f"lease {name!r}", _first_problem(error)) from None
+            raise self._corrupt(f"lease {name!r}", first_problem(error)) from None
 
     def _parse_version(self, version: str, text: str | None) -> PromptVersion:
         if text is None:
@@ -614,7 +614,7 @@ class RedisPromptStore:
             record = PromptVersion.model_validate_json(text)
         except ValidationError as error:
             raise self._corrupt(
-                f"prompt version {version!r}", _first_problem(error)
+                f"prompt version {version!r}", first_problem(error)
             ) from None
         if record.version != version:
             raise self._corrupt(
@@ -628,7 +628,7 @@ class RedisPromptStore:
             return ActivationEvent.model_validate_json(text or "")
         except ValidationError as error:
             raise self._corrupt(
-                f"history event {index}", _first_problem(error)
+                f"history event {index}", first_problem(error)
             ) from None
 
     def _corrupt(self, item: str, problem: str) -> StoreError:
