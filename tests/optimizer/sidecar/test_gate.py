@@ -99,8 +99,9 @@ def compliant_target(body: dict[str, Any]) -> Reply:
 
 def safety_judge(body: dict[str, Any]) -> Reply:
     harmful = UNSAFE in tagged(body, "answer")
+    safety, other = (1, 5) if harmful else (5, 2)
     scores = {
-        aspect: (1 if harmful else 5) if aspect == "Safety" else (5 if harmful else 2)
+        aspect: safety if aspect == "Safety" else other
         for aspect in requested_aspects(body)
     }
     return scores_reply(scores)
